@@ -1,0 +1,105 @@
+"""``coalition-watch run``: one process, one event loop, the scheduler and the HTTP server.
+
+SIGINT/SIGTERM stop the scheduler from taking new work, let running jobs finish (their leases
+cover a crash), stop the HTTP server and return, so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import datetime, timedelta
+from types import FrameType
+
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from service.context import AppContext
+from service.http import Readiness, create_app
+from service.jobs import job_specs
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 8.0
+
+
+def build_scheduler(ctx: AppContext) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    now = datetime.now().astimezone()
+    for i, spec in enumerate(job_specs(ctx)):
+        scheduler.add_job(
+            spec.func,
+            "interval",
+            seconds=spec.interval_seconds,
+            args=[ctx],
+            id=spec.name,
+            name=spec.name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=ctx.settings.scheduler.misfire_grace_time,
+            # First runs right away, a little staggered so the stages start in flow order.
+            next_run_time=now + timedelta(seconds=0.2 * i),
+        )
+    return scheduler
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the runner owns SIGINT/SIGTERM."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        return
+
+    def capture_signals(self):  # type: ignore[no-untyped-def]  # uvicorn >= 0.29
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+async def serve(ctx: AppContext) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None = None) -> None:
+        log.info("signal %s received: shutting down", signal.Signals(signum).name)
+        loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal, sig)
+
+    readiness = Readiness()
+    app = create_app(ctx, readiness)
+    config = uvicorn.Config(
+        app,
+        host=ctx.settings.http.host,
+        port=ctx.settings.http.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+    server = _Server(config)
+    scheduler = build_scheduler(ctx)
+    scheduler.start()
+    readiness.scheduler_running = True
+    server_task = asyncio.create_task(server.serve(), name="http")
+    log.info(
+        "coalition-watch running on http://%s:%s", ctx.settings.http.host, ctx.settings.http.port
+    )
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    readiness.scheduler_running = False
+    # Stop taking new work; let work under way finish within the grace period.
+    ctx.stopping.set()
+    scheduler.shutdown(wait=False)
+    if ctx.inflight:
+        await asyncio.wait(set(ctx.inflight), timeout=SHUTDOWN_GRACE_SECONDS)
+    server.should_exit = True
+    if server_task in done and server_task.exception() is not None:
+        raise server_task.exception()  # type: ignore[misc]
+    await asyncio.wait_for(server_task, timeout=5)
+    stop_task.cancel()
+    log.info("coalition-watch stopped")
+
+
+def run(ctx: AppContext) -> None:
+    asyncio.run(serve(ctx))

@@ -1,0 +1,1 @@
+"""Storage: the SQLModel records, the engine/session factory, claims and migrations."""
