@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from collectors.seeds import parse_seed  # noqa: E402
+from collectors.seeds import parse_seed
 
 SEEDS = Path(__file__).resolve().parent.parent / "seeds"
 
@@ -25,8 +22,10 @@ def main(repeats: int = 200) -> None:
         times.append(time.perf_counter() - start)
     med = statistics.median(times)
     print(f"seed parsing: {len(files)} files, {size} bytes per pass, {repeats} passes")
-    print(f"  median pass {med * 1000:.2f} ms -> {len(files) / med:.0f} files/s, "
-          f"{size / med / 1e6:.2f} MB/s")
+    print(
+        f"  median pass {med * 1000:.2f} ms -> {len(files) / med:.0f} files/s, "
+        f"{size / med / 1e6:.2f} MB/s"
+    )
 
 
 if __name__ == "__main__":
