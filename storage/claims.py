@@ -90,4 +90,4 @@ def still_owned(session: Session, model: type[M], row_id: int, owner: str) -> M 
     stmt = sa.select(table).where(table.id == row_id, table.claimed_by == owner)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
-    return session.execute(stmt).scalars().first()  # type: ignore[no-any-return]
+    return session.execute(stmt).scalars().first()
