@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api import build_router
 from service.context import AppContext
 
 
@@ -22,7 +25,29 @@ class Readiness:
 
 
 def create_app(ctx: AppContext, readiness: Readiness) -> FastAPI:
-    app = FastAPI(title="coalition-watch", version="0.1.0")
+    app = FastAPI(
+        title="coalition-watch",
+        version="0.1.0",
+        description="Coalition of the Willing news monitor: articles, stories, alerts, feeds.",
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail), "path": request.url.path},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        return JSONResponse(
+            {"error": "; ".join(problems), "path": request.url.path}, status_code=422
+        )
+
+    app.state.ctx = ctx
+    app.include_router(build_router(ctx))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from datetime import datetime, timedelta
 from types import FrameType
@@ -56,7 +57,8 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-async def serve(ctx: AppContext) -> None:
+async def serve(ctx: AppContext) -> bool:
+    """Run until a signal; returns True once all work under way has finished."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -93,13 +95,29 @@ async def serve(ctx: AppContext) -> None:
     scheduler.shutdown(wait=False)
     if ctx.inflight:
         await asyncio.wait(set(ctx.inflight), timeout=SHUTDOWN_GRACE_SECONDS)
+    unfinished = len([f for f in ctx.inflight if not f.done()])
     server.should_exit = True
     if server_task in done and server_task.exception() is not None:
         raise server_task.exception()  # type: ignore[misc]
     await asyncio.wait_for(server_task, timeout=5)
     stop_task.cancel()
+    if unfinished:
+        log.warning(
+            "%d job(s) still running after %.0fs: leaving them to their leases",
+            unfinished,
+            SHUTDOWN_GRACE_SECONDS,
+        )
+        # asyncio.run would join the worker threads without a time limit: leave now instead.
+        logging.shutdown()
+        os._exit(0)
     log.info("coalition-watch stopped")
+    return True
 
 
 def run(ctx: AppContext) -> None:
+    """Serve until SIGINT/SIGTERM, then exit 0 within the stop timeout.
+
+    Work still running after the grace period holds leases that expire on their own, so the
+    process may exit without waiting for it: nothing was committed for it, nothing is lost.
+    """
     asyncio.run(serve(ctx))
