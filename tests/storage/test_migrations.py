@@ -12,10 +12,9 @@ from storage import migrate
 from storage.db import make_engine
 
 
-def test_migrations_from_empty_match_the_models(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
+def test_migrations_from_empty_match_the_models(any_db_url: str) -> None:
+    migrate.upgrade(any_db_url)
+    engine = make_engine(any_db_url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         diff = compare_metadata(ctx, SQLModel.metadata)
@@ -26,14 +25,13 @@ def test_migrations_from_empty_match_the_models(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_migrations_downgrade_to_empty_and_back(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'd.db'}"
-    migrate.upgrade(url)
-    migrate.downgrade(url, "base")
-    engine = make_engine(url)
+def test_migrations_downgrade_to_empty_and_back(any_db_url: str) -> None:
+    migrate.upgrade(any_db_url)
+    migrate.downgrade(any_db_url, "base")
+    engine = make_engine(any_db_url)
     assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
-    migrate.upgrade(url)
+    migrate.upgrade(any_db_url)
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
