@@ -31,7 +31,7 @@ def claim(
     sessions: SessionFactory,
     model: type[M],
     *,
-    where: Sequence[sa.ColumnElement[bool]],
+    where: Sequence[Any],
     order_by: Sequence[Any],
     limit: int,
     owner: str,
