@@ -40,6 +40,7 @@ class SchedulerSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     seeds_interval: float = Field(default=300.0, gt=0, description="seconds between seed scans")
+    retention_interval: float = Field(default=3600.0, gt=0, description="seconds between purges")
     misfire_grace_time: int = Field(default=60, ge=1)
 
 
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
         default=None, description="name used in leases; host:pid when empty"
     )
     api_token: SecretStr | None = None
+    retention_days: int = Field(
+        default=180, ge=0, description="keep processed articles this long; 0 keeps all"
+    )
     http: HttpSettings = HttpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     log: LogSettings = LogSettings()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from collectors.seeds import SeedIngestResult, ingest_seeds
 from service.context import AppContext
 from storage.db import transaction
+from storage.retention import RetentionResult, purge
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,19 @@ async def seeds_job(ctx: AppContext) -> None:
     await _guarded(ctx, "seeds", lambda: run_seeds(ctx))
 
 
+def run_retention(ctx: AppContext) -> RetentionResult:
+    """Forget processed articles older than the retention window."""
+    with transaction(ctx.sessions) as session:
+        result = purge(session, ctx.clock(), ctx.settings.retention_days)
+    if result.articles:
+        log.info("retention removed %d articles, %d stories", result.articles, result.stories)
+    return result
+
+
+async def retention_job(ctx: AppContext) -> None:
+    await _guarded(ctx, "retention", lambda: run_retention(ctx))
+
+
 async def _guarded(ctx: AppContext, stage: str, work: Callable[[], object]) -> None:
     if ctx.stopping.is_set():
         return
@@ -63,4 +77,5 @@ def job_specs(ctx: AppContext) -> list[JobSpec]:
     s = ctx.settings
     return [
         JobSpec("seeds", seeds_job, s.scheduler.seeds_interval),
+        JobSpec("retention", retention_job, s.scheduler.retention_interval),
     ]
