@@ -45,6 +45,15 @@ def build_scheduler(ctx: AppContext) -> AsyncIOScheduler:
     return scheduler
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("coalition-watch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus its own signal handling: the runner owns SIGINT/SIGTERM."""
 
@@ -69,6 +78,7 @@ async def serve(ctx: AppContext) -> bool:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, sig)
 
+    ctx.metrics.build_info.labels(_version()).set(1)
     readiness = Readiness()
     app = create_app(ctx, readiness)
     config = uvicorn.Config(
