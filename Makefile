@@ -24,11 +24,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: install
+	$(CW) model build
 	$(CW) db upgrade
+	$(CW) feeds import --if-empty collectors/starter.opml
 	$(CW) ingest seeds
 	$(CW) run
 
 test: install
+	$(CW) model build
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -15,6 +15,9 @@ import typer
 from sqlmodel import select
 
 from collectors.seeds import ingest_seeds
+from service.cli_alerts import alerts_app, require_valid_rules
+from service.cli_feeds import collect_cmd, feeds_app
+from service.cli_model import classify_cmd, model_app, stories_app
 from service.config import ConfigError, Settings, load_settings
 from service.context import AppContext, build_context
 from service.logs import setup_logging
@@ -35,6 +38,12 @@ articles_app = typer.Typer(help="Stored articles.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(articles_app, name="articles")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(feeds_app, name="feeds")
+app.command("collect")(collect_cmd)
+app.add_typer(model_app, name="model")
+app.add_typer(stories_app, name="stories")
+app.command("classify")(classify_cmd)
 
 
 class State:
@@ -175,6 +184,7 @@ def run_cmd() -> None:
 
     ctx = context()
     require_schema(ctx)
+    require_valid_rules()
     try:
         run(ctx)
     finally:

@@ -21,6 +21,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from alerts.options import AlertOptions
+from collectors.feeds import FeedOptions
+from processors.classifier import ClassifierOptions
+
 ENV_PREFIX = "COALITION_WATCH_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
@@ -74,6 +78,9 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     log: LogSettings = LogSettings()
+    alerts: AlertOptions = AlertOptions()
+    feeds: FeedOptions = FeedOptions()
+    classifier: ClassifierOptions = ClassifierOptions()
 
     @classmethod
     def settings_customise_sources(

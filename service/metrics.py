@@ -100,6 +100,14 @@ class Metrics:
             "delivery_oldest_pending_age_seconds", "Age of the oldest pending delivery.",
             namespace=ns, registry=r,
         )  # fmt: skip
+        self.alert_rules = Gauge(
+            "alert_rules", "Alert rules loaded and in use.", namespace=ns, registry=r,
+        )  # fmt: skip
+        self.alert_rules_reload_failing = Gauge(
+            "alert_rules_reload_failing",
+            "1 while the rules file on disk is invalid (the previous rules stay in use).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
         for stage in STAGES:
             self.stage_runs.labels(stage, "ok")
             self.stage_runs.labels(stage, "error")

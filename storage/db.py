@@ -67,3 +67,18 @@ def transaction(factory: SessionFactory) -> Iterator[Session]:
 
 def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def begin_write(session: Session) -> None:
+    """On SQLite, take the database write lock now, before this transaction reads anything.
+
+    SQLite's driver starts a transaction only at the first write, so rows read before it may
+    change underneath (another thread's commit) and a read-modify-write would lose that
+    update. Taken first, the lock makes the whole transaction serial. Other databases need
+    nothing here: lock the rows you read with ``SELECT … FOR UPDATE`` instead.
+    """
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        return
+    if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

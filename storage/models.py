@@ -70,6 +70,14 @@ class Feed(SQLModel, table=True):
     interval: int = Field(
         default=900, sa_column=sa.Column(sa.Integer, nullable=False), description="seconds"
     )
+    # Set by `feeds add --interval`: the interval is kept as given, never adapted.
+    interval_fixed: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    # Observed mean seconds between the feed's entries (drives the adaptive interval).
+    publish_interval: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    # The feed's own <ttl>, in seconds, from its last parsed document.
+    ttl_seconds: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     next_check_at: datetime | None = Field(default=None, sa_column=_dt(index=True))
     next_check_reason: str | None = Field(default=None, sa_column=sa.Column(sa.String(256)))
     last_checked_at: datetime | None = Field(default=None, sa_column=_dt())
@@ -135,6 +143,9 @@ class Article(SQLModel, table=True):
     )
     # Sentence embedding (float16 bytes), computed once by the classifier.
     embedding: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary))
+    # What the embedding was computed from: "<encoder id>@<content_hash prefix>"; a new encoder
+    # or changed content makes it stale.
+    embedding_key: str | None = Field(default=None, sa_column=sa.Column(sa.String(200)))
     status: str = Field(
         default=ArticleStatus.NEW, sa_column=sa.Column(sa.String(16), nullable=False)
     )
@@ -171,7 +182,10 @@ class Alert(SQLModel, table=True):
     """One notification group: a rule's matches for one group key inside one window."""
 
     __tablename__ = "alert"
-    __table_args__ = (sa.Index("ix_alert_rule_group", "rule", "group_key"),)
+    __table_args__ = (
+        sa.Index("ix_alert_rule_group", "rule", "group_key"),
+        sa.Index("ux_alert_open_key", "open_key", unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     rule: str = Field(sa_column=sa.Column(sa.String(128), nullable=False))
@@ -190,6 +204,9 @@ class Alert(SQLModel, table=True):
     notify_at: datetime | None = Field(default=None, sa_column=_dt(index=True))
     notified_at: datetime | None = Field(default=None, sa_column=_dt())
     silence_id: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    # "<rule>|<group_key>" while pending, NULL after: at most one open alert per group, even
+    # when several replicas evaluate at once (the unique index refuses a second one).
+    open_key: str | None = Field(default=None, sa_column=sa.Column(sa.String(700)))
     claimed_by: str | None = Field(default=None, sa_column=sa.Column(sa.String(128)))
     claimed_until: datetime | None = Field(default=None, sa_column=_dt())
 
@@ -231,6 +248,8 @@ class Delivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     idempotency_key: str = Field(sa_column=sa.Column(sa.String(128), nullable=False, unique=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_dt(nullable=False))
+    # Dead-lettered when still failing after this (created_at + retry.max_age; reset by retry).
+    expires_at: datetime | None = Field(default=None, sa_column=_dt())
     sent_at: datetime | None = Field(default=None, sa_column=_dt())
     claimed_by: str | None = Field(default=None, sa_column=sa.Column(sa.String(128)))
     claimed_until: datetime | None = Field(default=None, sa_column=_dt())
