@@ -44,7 +44,7 @@ from collectors.normalize import canonical_url
 from collectors.parse import FROM_FIRST_SEEN, FeedProblem, ParsedEntry, ParsedFeed, parse_document
 from collectors.schedule import NextCheck, after_failure, after_success, observed_entry_gap
 from storage.claims import claim, release, still_owned
-from storage.db import SessionFactory, transaction
+from storage.db import SessionFactory, serialize, transaction
 from storage.models import Article, ArticleStatus, Feed
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ Clock = Callable[[], datetime]
 # Cross-feed dedup by content hash only for entries with this much text: two different
 # stories may share a bare title ("Live updates") and nothing else.
 MIN_TEXT_FOR_HASH_DEDUP = 80
+# Cross-feed dedup cannot be a unique index (new = no article with this URL *or* this hash),
+# so replicas on PostgreSQL take turns: check-and-insert runs under this advisory lock.
+DEDUP_LOCK = "coalition-watch:article-dedup"
 _IN_CHUNK = 500
 
 # Feed states shown by `feeds list` and counted in the metrics.
@@ -247,8 +250,13 @@ def _existing(session: Session, column: Any, values: Iterable[str]) -> set[str]:
 def store_entries(
     session: Session, feed: Feed, entries: Sequence[ParsedEntry], now: datetime
 ) -> StoreCounts:
-    """Store a document's entries for ``feed`` (see the module doc for the dedup rules)."""
+    """Store a document's entries for ``feed`` (see the module doc for the dedup rules).
+
+    Takes the dedup lock first (PostgreSQL): the caller's transaction then holds it until it
+    commits, so keep that transaction short (fetching and parsing happen before it).
+    """
     assert feed.id is not None
+    serialize(session, DEDUP_LOCK)
     counts = StoreCounts()
     by_uid = {article_uid(feed.id, e.guid): e for e in entries}
     stored: dict[str, str] = {}  # uid -> content hash, for this feed's known entries

@@ -198,6 +198,38 @@ def sniff_decompress(body: bytes, cap: int) -> tuple[bytes, str | None]:
     return b"".join(out), kind
 
 
+class _CappedInflater:
+    """Decodes a ``Content-Encoding: gzip``/``deflate`` body chunk by chunk, never producing
+    more than ``cap`` + 1 bytes in all. (httpx inflates each network chunk in full: 64 KB of
+    a gzip bomb become 64 MB before any cap can look at them.)"""
+
+    def __init__(self, encoding: str, cap: int) -> None:
+        self.cap = cap
+        self.size = 0
+        self.raw_fallback = encoding == "deflate"  # "deflate" is zlib-wrapped, or raw at times
+        # gzip: 16 + MAX_WBITS; deflate: 32 + MAX_WBITS accepts a zlib (or gzip) header.
+        self._obj = zlib.decompressobj((16 if encoding in ("gzip", "x-gzip") else 32) + 15)
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        while data and not self._obj.eof:
+            try:
+                chunk = self._obj.decompress(data, self.cap + 1 - self.size)
+            except zlib.error:
+                if not (self.raw_fallback and self.size == 0):
+                    raise
+                self.raw_fallback = False
+                self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self.raw_fallback = False
+            self.size += len(chunk)
+            out.append(chunk)
+            if self.size > self.cap:
+                raise _Failure(TOO_LARGE, "")
+            data = self._obj.unconsumed_tail
+        return b"".join(out)
+
+
 class Fetcher:
     """Fetches URLs through the injected client within the limits of ``limits``."""
 
@@ -327,11 +359,22 @@ class Fetcher:
             raise _Failure(TOO_LARGE, f"{url} declares {int(declared):,} bytes, over the cap")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise _Failure(TOO_LARGE, too_large)
-            chunks.append(chunk)
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            inflater = _CappedInflater(encoding, cap)
+            try:
+                async for raw in response.aiter_raw():
+                    chunks.append(inflater.feed(raw))
+            except _Failure:
+                raise _Failure(TOO_LARGE, too_large) from None
+            except zlib.error as exc:
+                raise httpx.DecodingError(str(exc)) from exc
+        else:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise _Failure(TOO_LARGE, too_large)
+                chunks.append(chunk)
         body = b"".join(chunks)
         try:
             body, sniffed = sniff_decompress(body, cap)

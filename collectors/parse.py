@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -191,6 +192,77 @@ def _not_a_feed(body: bytes, headers: Mapping[str, str], url: str) -> FeedProble
     return FeedProblem(NOT_A_FEED, message, discovered)
 
 
+# --- Entity expansion ---------------------------------------------------------------------
+
+# A document's internal DTD may declare entities, and expanding them is how a few kilobytes
+# become gigabytes: nested ("billion laughs") or one large entity referenced many times.
+# feedparser's tolerant fallback parser expands simple entities without any limit, so a
+# document whose declared entities would expand past this many characters is refused first.
+MAX_ENTITY_EXPANSION = 1_000_000
+_ENTITY_DECL = re.compile(
+    r"<!ENTITY\s+(%\s*)?([^\s\"'%&;<>]+)\s+(?:\"([^\"]*)\"|'([^']*)'|(SYSTEM|PUBLIC))"
+)
+_ENTITY_REF = re.compile(r"&([^\s&;<>#]+);")
+
+
+def _xml_codec(body: bytes) -> str:
+    """The byte layout of an XML document's markup, from its BOM or first characters."""
+    head = body[:4]
+    for bom, codec in (
+        (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+        (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"),
+        (b"<\x00\x00\x00", "utf-32-le"), (b"\x00\x00\x00<", "utf-32-be"),
+        (b"<\x00", "utf-16-le"), (b"\x00<", "utf-16-be"),
+    ):  # fmt: skip
+        if head.startswith(bom):
+            return codec
+    return "latin-1"  # ASCII-compatible encodings: markup bytes are the characters
+
+
+def entity_expansion(body: bytes) -> tuple[int, bool]:
+    """How many characters the document's declared entities would expand to (capped just
+    past :data:`MAX_ENTITY_EXPANSION`), and whether it declares parameter entities."""
+    codec = _xml_codec(body)
+    if "<!ENTITY".encode(codec) not in body:
+        return 0, False
+    text = body.decode(codec, "replace")
+    limit = MAX_ENTITY_EXPANSION + 1
+    sizes: dict[str, int] = {}
+    inside: Counter[str] = Counter()  # references made by the declarations themselves
+    parameter = False
+    for m in _ENTITY_DECL.finditer(text):
+        if m.group(1) is not None:
+            parameter = True
+            continue
+        value = m.group(3) if m.group(3) is not None else (m.group(4) or "")
+        size = len(value)
+        for ref in _ENTITY_REF.finditer(value):
+            inside[ref.group(1)] += 1
+            if ref.group(1) in sizes:
+                size += sizes[ref.group(1)] - len(ref.group(0))
+        sizes.setdefault(m.group(2), min(size, limit))
+    total = 0
+    refs = Counter(r.group(1) for r in _ENTITY_REF.finditer(text) if r.group(1) in sizes)
+    for name, count in refs.items():
+        total = min(total + max(count - inside[name], 0) * sizes[name], limit)
+    return total, parameter
+
+
+def _check_entities(body: bytes, url: str) -> None:
+    expansion, parameter = entity_expansion(body)
+    if parameter:
+        raise FeedProblem(
+            PARSE, f"{url} declares XML parameter entities: refused (feeds never need them)"
+        )
+    if expansion > MAX_ENTITY_EXPANSION:
+        raise FeedProblem(
+            PARSE,
+            f"{url} declares XML entities that would expand to more than "
+            f"{MAX_ENTITY_EXPANSION:,} characters: refused (an entity-expansion attack, "
+            'such as "billion laughs")',
+        )
+
+
 # --- Feeds --------------------------------------------------------------------------------
 
 
@@ -246,6 +318,7 @@ def parse_document(
         return _parse_json_feed(stripped, headers, url, now, max_text_chars)
     if looks_like_html(body, headers):
         raise _not_a_feed(body, headers, url)
+    _check_entities(body, url)
     try:
         d = feedparser.parse(
             body,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
+from storage.db import serialize
 from storage.models import Article
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,9 @@ def parse_seed(path: Path) -> SeedArticle:
     )
 
 
+SEEDS_LOCK = "coalition-watch:seeds"
+
+
 @dataclass
 class SeedIngestResult:
     added: int = 0
@@ -242,6 +246,9 @@ def ingest_seeds(session: Session, folder: Path, now: datetime) -> SeedIngestRes
     logged with its path and skipped; the others still go in.
     """
     result = SeedIngestResult()
+    # Replicas on PostgreSQL scan the same folder at the same moment: one at a time, so a file
+    # is inserted once (the others then see it stored) instead of failing on the unique uid.
+    serialize(session, SEEDS_LOCK)
     existing = {
         a.uid: a for a in session.exec(select(Article).where(Article.source == "seed")).all()
     }

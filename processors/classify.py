@@ -32,12 +32,14 @@ from processors.heads import Prediction
 from processors.labelled import article_text
 from processors.stories import assign_story, from_float16_bytes, leave_story, to_float16_bytes
 from storage.claims import claim, release, still_owned
-from storage.db import SessionFactory, transaction
+from storage.db import SessionFactory, serialize, transaction
 from storage.models import Article, ArticleStatus, Classification, utcnow
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+STORIES_LOCK = "coalition-watch:stories"
 
 
 class ArticleClassifier(Protocol):
@@ -188,6 +190,9 @@ def _classify_batch(
     matrix = np.stack([v for v in vectors if v is not None])
     predictions = classifier.predict(matrix)
     with transaction(sessions) as session:
+        # Replicas take turns to store (PostgreSQL): story assignment reads the recent stories
+        # and may create one, so two replicas must not both create a story for one event.
+        serialize(session, STORIES_LOCK)
         for article, vector, prediction in zip(batch, matrix, predictions, strict=True):
             assert article.id is not None
             row = still_owned(session, Article, article.id, owner)

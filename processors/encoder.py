@@ -149,11 +149,14 @@ class Encoder:
         """Load ``source`` (a model folder or a hub id) with AutoTokenizer/AutoModel."""
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         torch.set_num_threads(threads if threads > 0 else available_cores())
         if offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         name = str(source)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the service's log
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
             model = AutoModel.from_pretrained(name, local_files_only=offline)
@@ -162,6 +165,9 @@ class Encoder:
                 " (offline: only local folders and already cached hub ids load)" if offline else ""
             )
             raise OSError(f"encoder {name!r} cannot be loaded{hint}: {exc}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         return cls(
             tokenizer,
             model,

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from storage.models import Article, Story
 
@@ -43,12 +43,12 @@ def article_time(article: Article) -> datetime:
     return article.published_at or article.fetched_at
 
 
-def _source_key(article: Article) -> str:
-    if article.outlet:
-        return f"outlet:{article.outlet.casefold()}"
-    if article.feed_id is not None:
-        return f"feed:{article.feed_id}"
-    return f"source:{article.source}"
+def _source_key(outlet: str | None, feed_id: int | None, source: str) -> str:
+    if outlet:
+        return f"outlet:{outlet.casefold()}"
+    if feed_id is not None:
+        return f"feed:{feed_id}"
+    return f"source:{source}"
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,22 @@ class StoryChoice:
 
 
 def _refresh_counts(session: Session, story: Story) -> None:
-    rows = session.execute(
-        sa.select(Article.outlet, Article.feed_id, Article.source).where(  # type: ignore[call-overload]
-            Article.story_id == story.id
-        )
-    ).all()
-    story.article_count = len(rows)
-    story.source_count = len(
-        {_source_key(Article(outlet=o, feed_id=f, source=s)) for o, f, s in rows}  # type: ignore[call-arg]
+    """Recount the story's articles and distinct outlets, in the database.
+
+    Only the distinct (outlet, feed, source) triples come back, not one row per member: a story
+    of thousands of articles costs an index scan, not thousands of objects.
+    """
+    member = col(Article.story_id) == story.id
+    story.article_count = int(
+        session.execute(sa.select(sa.func.count()).select_from(Article).where(member)).scalar()
+        or 0
     )
+    triples = session.execute(
+        sa.select(col(Article.outlet), col(Article.feed_id), col(Article.source))
+        .where(member)
+        .distinct()
+    ).all()
+    story.source_count = len({_source_key(o, f, s) for o, f, s in triples})
 
 
 def assign_story(

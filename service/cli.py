@@ -109,6 +109,13 @@ def ingest_seeds_cmd(
     ctx = context()
     require_schema(ctx)
     folder = folder or ctx.settings.seeds_dir
+    if not folder.is_dir():
+        typer.echo(
+            f"no seed folder at {folder.resolve()}: pass one (`coalition-watch ingest seeds DIR`) "
+            "or set seeds_dir (COALITION_WATCH_SEEDS_DIR)",
+            err=True,
+        )
+        raise typer.Exit(1)
     try:
         with transaction(ctx.sessions) as session:
             result = ingest_seeds(session, folder, ctx.clock())
@@ -179,7 +186,12 @@ def articles_show(article_id: Annotated[int, typer.Argument(help="Article id.")]
 
 @app.command("run")
 def run_cmd() -> None:
-    """Run the service: scheduler jobs and the HTTP server, until SIGINT/SIGTERM."""
+    """Run the service until SIGINT/SIGTERM (after `db upgrade`).
+
+    Jobs: seeds, feeds, classify, alerts, retention. HTTP: /healthz, /readyz, /metrics, /api.
+
+    Listens on http.host:http.port (127.0.0.1:8000 by default).
+    """
     from service.runner import run
 
     ctx = context()

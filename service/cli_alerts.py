@@ -266,8 +266,10 @@ def backtest_cmd(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Run the rules over stored history; print what would have fired, per rule. Writes and
-    sends nothing."""
+    """Run the rules over stored history; print what would have fired, per rule.
+
+    Writes and sends nothing.
+    """
     ctx = _ctx()
     path, rules, errors = _load(rules_file)
     if rules is None:

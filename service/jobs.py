@@ -47,12 +47,18 @@ class JobSpec:
     name: str
     func: JobFunc
     interval_seconds: float
+    # Run once when the service starts, beside the schedule (e.g. loading the model).
+    start: JobFunc | None = None
 
 
 def run_seeds(ctx: AppContext) -> SeedIngestResult:
     """Scan the seed folder → parse → store new or changed files."""
+    folder = ctx.settings.seeds_dir
+    if not folder.is_dir():  # a service may run on feeds alone: say so, without a traceback
+        log.warning("no seed folder at %s (seeds_dir): no seeds to ingest", folder.resolve())
+        return SeedIngestResult()
     with transaction(ctx.sessions) as session:
-        result = ingest_seeds(session, ctx.settings.seeds_dir, ctx.clock())
+        result = ingest_seeds(session, folder, ctx.clock())
     ctx.metrics.entries_ingested.labels("seed", "added").inc(result.added)
     ctx.metrics.entries_ingested.labels("seed", "updated").inc(result.updated)
     return result
@@ -77,18 +83,32 @@ async def retention_job(ctx: AppContext) -> None:
 
 @dataclass
 class ClassifyJobs:
-    """The classifier, loaded on first use (in a worker thread) and kept for the process."""
+    """The classifier, loaded once (in a worker thread) and kept for the process.
+
+    ``checks`` is the readiness table that ``/readyz`` reports: its ``model`` entry reads
+    ``loading`` until the classifier is loaded (then empty: ready), or why loading failed.
+    """
 
     options: ClassifierOptions
     _classifier: Classifier | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    checks: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Keys are set here, before the HTTP server reads them; later only values change.
+        self.checks["model"] = "" if self._classifier is not None else "loading"
 
     def classifier(self) -> Classifier:
         with self._lock:
             if self._classifier is None:
-                if self.options.encoder == DEFAULT_ENCODER:
-                    build_model(self.options.model_dir, progress=None)  # no-op once built
-                self._classifier = load_classifier(self.options)
+                try:
+                    if self.options.encoder == DEFAULT_ENCODER:
+                        build_model(self.options.model_dir, progress=None)  # no-op once built
+                    self._classifier = load_classifier(self.options)
+                except Exception as exc:
+                    self.checks["model"] = f"failed to load ({exc}); retrying at the next run"
+                    raise
+                self.checks["model"] = ""
             return self._classifier
 
 
@@ -127,6 +147,25 @@ def run_classify(
 
 async def classify_job(ctx: AppContext, jobs: ClassifyJobs) -> None:
     await _guarded(ctx, "classify", lambda: run_classify(ctx, jobs))
+
+
+async def load_model_job(ctx: AppContext, jobs: ClassifyJobs) -> None:
+    """Load the classifier when the service starts, in a worker thread (not at the first batch).
+
+    Until it is loaded ``/readyz`` answers 503 with ``model: loading``. A failure is logged and
+    reported there; the classify job tries again at each run.
+    """
+    if ctx.stopping.is_set():
+        return
+    future: asyncio.Future[object] = asyncio.ensure_future(asyncio.to_thread(jobs.classifier))
+    ctx.inflight.add(future)
+    future.add_done_callback(ctx.inflight.discard)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        return
+    except Exception as exc:  # the message names the culprit (encoder, heads, folder)
+        log.error("the classifier failed to load: %s; the classify job will try again", exc)
 
 
 @dataclass
@@ -212,7 +251,8 @@ async def deliver_job(ctx: AppContext, alerts: AlertJobs) -> None:
 async def run_collect(ctx: AppContext) -> PollResult:
     """Claim due feeds → fetch → parse → store (see collectors.feeds), then record metrics."""
     options = ctx.settings.feeds
-    async with make_http_client(options) as client:
+    # Built in a thread: loading the CA certificates takes tens of ms, off the event loop.
+    async with await asyncio.to_thread(make_http_client, options) as client:
         collector = FeedCollector(
             options, client=client, sessions=ctx.sessions, clock=ctx.clock, owner=ctx.instance_id
         )
@@ -276,14 +316,20 @@ async def _guarded(ctx: AppContext, stage: str, work: Callable[[], object]) -> N
         ctx.metrics.stage_succeeded(stage)
 
 
-def job_specs(ctx: AppContext) -> list[JobSpec]:
+def job_specs(ctx: AppContext, checks: dict[str, str] | None = None) -> list[JobSpec]:
+    """The service's jobs; ``checks`` (the readiness table) learns whether the model is loaded."""
     s = ctx.settings
     alerts = AlertJobs.from_settings(ctx)  # raises RulesError on invalid rules
-    classify = ClassifyJobs(s.classifier)
+    classify = ClassifyJobs(s.classifier, checks={} if checks is None else checks)
     return [
         JobSpec("seeds", seeds_job, s.scheduler.seeds_interval),
         JobSpec("collect", collect_job, s.feeds.job_interval),
-        JobSpec("classify", partial(classify_job, jobs=classify), s.classifier.interval),
+        JobSpec(
+            "classify",
+            partial(classify_job, jobs=classify),
+            s.classifier.interval,
+            start=partial(load_model_job, jobs=classify),
+        ),
         JobSpec("retention", retention_job, s.scheduler.retention_interval),
         JobSpec("evaluate", partial(evaluate_job, alerts=alerts), s.alerts.evaluate_interval),
         JobSpec("deliver", partial(deliver_job, alerts=alerts), s.alerts.deliver_interval),

@@ -39,6 +39,12 @@ class KeyValueFormatter(logging.Formatter):
         return f"{base} {extras}" if extras else base
 
 
+def _not_a_skipped_run(record: logging.LogRecord) -> bool:
+    """APScheduler warns when a run is skipped because the previous one is still working; with
+    ``max_instances=1`` that is the design (a long classify run drains a backlog), not a fault."""
+    return "maximum number of running instances reached" not in record.getMessage()
+
+
 def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
@@ -52,7 +58,13 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
         "httpx",
         "httpcore",
         "apscheduler.executors.default",
+        "apscheduler.scheduler",  # "Adding job tentatively…": the runner lists the jobs itself
         "uvicorn.access",
         "alembic",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    scheduler_log = logging.getLogger("apscheduler.scheduler")
+    if root.level > logging.DEBUG:
+        scheduler_log.addFilter(_not_a_skipped_run)
+    else:
+        scheduler_log.removeFilter(_not_a_skipped_run)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from datetime import datetime, timedelta
 from types import FrameType
 
@@ -18,17 +19,19 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from service.context import AppContext
 from service.http import Readiness, create_app
-from service.jobs import job_specs
+from service.jobs import JobSpec, job_specs
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 8.0
+# Work under way gets this long to finish after SIGTERM; the HTTP server gets 2 s more. Both
+# stay well inside the 10 s stop budget (systemd, compose) even on a loaded machine.
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
-def build_scheduler(ctx: AppContext) -> AsyncIOScheduler:
+def build_scheduler(ctx: AppContext, specs: list[JobSpec] | None = None) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone="UTC")
     now = datetime.now().astimezone()
-    for i, spec in enumerate(job_specs(ctx)):
+    for i, spec in enumerate(job_specs(ctx) if specs is None else specs):
         scheduler.add_job(
             spec.func,
             "interval",
@@ -66,8 +69,29 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+class ListenError(Exception):
+    """The HTTP address cannot be used; the message names it and what to change."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the HTTP address first, so a busy port stops the start with one clear line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another coalition-watch "
+            "running? set http.host/http.port, e.g. COALITION_WATCH_HTTP__PORT=8001)"
+        ) from exc
+    return sock
+
+
 async def serve(ctx: AppContext) -> bool:
     """Run until a signal; returns True once all work under way has finished."""
+    sock = listen(ctx.settings.http.host, ctx.settings.http.port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -90,12 +114,19 @@ async def serve(ctx: AppContext) -> bool:
         lifespan="off",
     )
     server = _Server(config)
-    scheduler = build_scheduler(ctx)
+    specs = job_specs(ctx, readiness.checks)  # /readyz: "model: loading" until it is loaded
+    scheduler = build_scheduler(ctx, specs)
     scheduler.start()
     readiness.scheduler_running = True
-    server_task = asyncio.create_task(server.serve(), name="http")
+    starting: list[asyncio.Future[None]] = [  # kept referenced until they finish
+        asyncio.ensure_future(spec.start(ctx)) for spec in specs if spec.start is not None
+    ]
+    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     log.info(
-        "coalition-watch running on http://%s:%s", ctx.settings.http.host, ctx.settings.http.port
+        "coalition-watch running on http://%s:%s; jobs: %s",
+        ctx.settings.http.host,
+        ctx.settings.http.port,
+        ", ".join(f"{spec.name} every {spec.interval_seconds:g} s" for spec in specs),
     )
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -103,13 +134,19 @@ async def serve(ctx: AppContext) -> bool:
     # Stop taking new work; let work under way finish within the grace period.
     ctx.stopping.set()
     scheduler.shutdown(wait=False)
+    for task in starting:
+        task.cancel()  # the work itself is in ctx.inflight, shielded
     if ctx.inflight:
         await asyncio.wait(set(ctx.inflight), timeout=SHUTDOWN_GRACE_SECONDS)
     unfinished = len([f for f in ctx.inflight if not f.done()])
     server.should_exit = True
     if server_task in done and server_task.exception() is not None:
         raise server_task.exception()  # type: ignore[misc]
-    await asyncio.wait_for(server_task, timeout=5)
+    try:
+        await asyncio.wait_for(server_task, timeout=2)
+    except TimeoutError:
+        log.warning("HTTP server did not stop within 2 s; exiting anyway")
+        unfinished += 1
     stop_task.cancel()
     if unfinished:
         log.warning(
@@ -130,4 +167,8 @@ def run(ctx: AppContext) -> None:
     Work still running after the grace period holds leases that expire on their own, so the
     process may exit without waiting for it: nothing was committed for it, nothing is lost.
     """
-    asyncio.run(serve(ctx))
+    try:
+        asyncio.run(serve(ctx))
+    except ListenError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from exc

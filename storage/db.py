@@ -82,3 +82,18 @@ def begin_write(session: Session) -> None:
         return
     if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def serialize(session: Session, name: str) -> None:
+    """Run the rest of this transaction alone among all that serialize on ``name``.
+
+    On PostgreSQL: ``pg_advisory_xact_lock(hashtext(name))``, released by the commit or
+    rollback. Use it where a uniqueness rule cannot be a unique index (an entry is new when no
+    stored article has its URL *or* its content hash): two replicas checking and inserting at
+    once would both see nothing and both insert. Statements after the lock see every
+    transaction that held it before. Keep such transactions short. SQLite needs nothing: one
+    process, and :func:`begin_write` already makes a writing transaction serial.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})

@@ -53,7 +53,8 @@ def fresh_pg_database() -> Iterator[str]:
             pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} unreachable under CI=true: {why}")
         pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {why}")
     name = f"cw_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test may restart the server (tests/reliability), leaving a dead pooled link.
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
