@@ -252,11 +252,12 @@ def store_entries(
 ) -> StoreCounts:
     """Store a document's entries for ``feed`` (see the module doc for the dedup rules).
 
-    Takes the dedup lock first (PostgreSQL): the caller's transaction then holds it until it
-    commits, so keep that transaction short (fetching and parsing happen before it).
+    When the document has entries this feed never stored, the cross-feed check and the insert
+    run under the dedup lock (PostgreSQL), which the caller's transaction holds until it
+    commits: keep that transaction short (fetching and parsing happen before it). A document
+    with no new entry takes no lock: its entries are this feed's own, and the feed is leased.
     """
     assert feed.id is not None
-    serialize(session, DEDUP_LOCK)
     counts = StoreCounts()
     by_uid = {article_uid(feed.id, e.guid): e for e in entries}
     stored: dict[str, str] = {}  # uid -> content hash, for this feed's known entries
@@ -265,6 +266,8 @@ def store_entries(
         rows = session.execute(sa.select(uid_col, hash_col).where(uid_col.in_(chunk)))
         stored.update((uid, digest) for uid, digest in rows)
     fresh = [e for uid, e in by_uid.items() if uid not in stored]
+    if fresh:
+        serialize(session, DEDUP_LOCK)  # from here to the commit: one replica at a time
     known_urls = _existing(session, col(Article.url), (e.url or "" for e in fresh))
     known_hashes = _existing(
         session, hash_col, (e.content_hash for e in fresh if len(e.text) >= MIN_TEXT_FOR_HASH_DEDUP)

@@ -66,8 +66,7 @@ def _refresh_counts(session: Session, story: Story) -> None:
     """
     member = col(Article.story_id) == story.id
     story.article_count = int(
-        session.execute(sa.select(sa.func.count()).select_from(Article).where(member)).scalar()
-        or 0
+        session.execute(sa.select(sa.func.count()).select_from(Article).where(member)).scalar() or 0
     )
     triples = session.execute(
         sa.select(col(Article.outlet), col(Article.feed_id), col(Article.source))

@@ -107,7 +107,7 @@ class Cluster:
 
     def rows(self, sql: str, **params: object) -> list[Any]:
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(sql), params).tuples())
+            return list(conn.execute(sa.text(sql), params))
 
     def audit(self, tbl: str) -> list[tuple[int, str, str]]:
         """(row id, op, replica) for every audited write to ``tbl``."""
