@@ -11,26 +11,9 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ValidationError, field_validator
-
-TOPICS: tuple[str, ...] = (
-    "reassurance_force",
-    "security_guarantees",
-    "ceasefire_negotiations",
-    "us_involvement",
-    "military_aid",
-    "russia_position",
-    "coalition_diplomacy",
-    "sanctions",
-    "off_topic",
-)
-OFF_TOPIC = "off_topic"
-# Topics of a relevant article; a piece that is not relevant has exactly ["off_topic"].
-SUBJECT_TOPICS: tuple[str, ...] = tuple(t for t in TOPICS if t != OFF_TOPIC)
-STANCES: tuple[str, ...] = ("supportive", "critical", "neutral")
-NEUTRAL = "neutral"
 
 Topic = Literal[
     "reassurance_force",
@@ -43,6 +26,13 @@ Topic = Literal[
     "sanctions",
     "off_topic",
 ]
+TOPICS: tuple[str, ...] = get_args(Topic)
+OFF_TOPIC = "off_topic"
+# Topics of a relevant article; a piece that is not relevant has exactly ["off_topic"].
+SUBJECT_TOPICS: tuple[str, ...] = tuple(t for t in TOPICS if t != OFF_TOPIC)
+STANCES: tuple[str, ...] = ("supportive", "critical", "neutral")
+NEUTRAL = "neutral"
+
 Stance = Literal["supportive", "critical", "neutral"]
 
 

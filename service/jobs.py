@@ -281,7 +281,11 @@ async def collect_job(ctx: AppContext) -> None:
 async def _guarded_async(
     ctx: AppContext, stage: str, work: Callable[[], Awaitable[object]]
 ) -> None:
-    """:func:`_guarded` for work that is itself async (network I/O on the event loop)."""
+    """Run ``work`` unless shutting down; record the stage's outcome; never raise.
+
+    The work is tracked in ``ctx.inflight`` and shielded: a scheduler shutdown cancels the job,
+    not the work already under way, which the runner then lets finish within its grace period.
+    """
     if ctx.stopping.is_set():
         return
     future: asyncio.Future[object] = asyncio.ensure_future(work())
@@ -299,21 +303,8 @@ async def _guarded_async(
 
 
 async def _guarded(ctx: AppContext, stage: str, work: Callable[[], object]) -> None:
-    if ctx.stopping.is_set():
-        return
-    future: asyncio.Future[object] = asyncio.ensure_future(asyncio.to_thread(work))
-    ctx.inflight.add(future)
-    future.add_done_callback(ctx.inflight.discard)
-    try:
-        # Shielded: a scheduler shutdown cancels the job, not the work already under way.
-        await asyncio.shield(future)
-    except asyncio.CancelledError:
-        return
-    except Exception:
-        ctx.metrics.stage_failed(stage)
-        log.exception("job failed", extra={"job": stage})
-    else:
-        ctx.metrics.stage_succeeded(stage)
+    """Run blocking ``work`` in a worker thread, guarded like :func:`_guarded_async`."""
+    await _guarded_async(ctx, stage, lambda: asyncio.to_thread(work))
 
 
 def job_specs(ctx: AppContext, checks: dict[str, str] | None = None) -> list[JobSpec]:
