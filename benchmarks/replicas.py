@@ -31,9 +31,8 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -41,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import serve
@@ -51,7 +49,13 @@ from collectors.fetch import make_http_client
 from collectors.normalize import detect_language
 from collectors.seeds import content_hash
 from storage import migrate
-from storage.db import SessionFactory, make_engine, session_factory, transaction
+from storage.db import (
+    SessionFactory,
+    make_engine,
+    scratch_postgres_database,
+    session_factory,
+    transaction,
+)
 from storage.models import Article, ArticleStatus, utcnow
 
 PG_ADMIN_URL = os.environ.get(
@@ -67,18 +71,8 @@ def env_int(name: str, default: int) -> int:
 # --- databases ------------------------------------------------------------------------------
 
 
-@contextmanager
-def pg_database() -> Iterator[str]:
-    name = f"cw_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def pg_database() -> AbstractContextManager[str]:
+    return scratch_postgres_database(PG_ADMIN_URL, "cw_bench")
 
 
 @contextmanager

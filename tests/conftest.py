@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from storage import migrate
-from storage.db import SessionFactory, make_engine, session_factory
+from storage.db import SessionFactory, make_engine, scratch_postgres_database, session_factory
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = REPO / "seeds"
@@ -44,25 +43,13 @@ def _pg_reachable() -> str | None:
 @contextmanager
 def fresh_pg_database() -> Iterator[str]:
     """A new, empty PostgreSQL database for one test, dropped afterwards."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
     why = _pg_reachable()
     if why is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} unreachable under CI=true: {why}")
         pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {why}")
-    name = f"cw_test_{uuid.uuid4().hex[:12]}"
-    # pre-ping: a test may restart the server (tests/reliability), leaving a dead pooled link.
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres_database(PG_ADMIN_URL, "cw_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
