@@ -134,6 +134,29 @@ def email_target(name: str, port: int, **extra: Any) -> TargetOptions:
     return parse_target(raw, 0)
 
 
+def targets_toml(webhook_url: str, smtp_port: int, hook: str = "hook", desk: str = "desk") -> str:
+    """The TOML of one webhook target (signed with SECRET) and one email target, for configs
+    handed to a real ``coalition-watch`` process."""
+    return f"""
+[[alerts.targets]]
+name = "{hook}"
+kind = "webhook"
+url = "{webhook_url}"
+secret = "{SECRET}"
+timeout = "5s"
+
+[[alerts.targets]]
+name = "{desk}"
+kind = "email"
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+from = "Coalition Watch <alerts@cw.example>"
+to = ["desk@newsroom.example"]
+timeout = "5s"
+"""
+
+
 RULES = """
 rules:
   - name: coalition

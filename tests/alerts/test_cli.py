@@ -18,11 +18,11 @@ from storage.db import SessionFactory, transaction
 from storage.models import Alert, Article, Delivery, Silence
 from tests.alerts.conftest import (
     RULES,
-    SECRET,
     SmtpServer,
     WebhookReceiver,
     add_article,
     add_story,
+    targets_toml,
 )
 
 runner = CliRunner()
@@ -44,20 +44,8 @@ def env(
 database_url = "{db_url}"
 [alerts]
 rules = "{rules}"
-[[alerts.targets]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url}"
-secret = "{SECRET}"
-[[alerts.targets]]
-name = "desk"
-kind = "email"
-host = "127.0.0.1"
-port = {smtp.port}
-security = "none"
-from = "alerts@cw.example"
-to = ["desk@newsroom.example"]
-""",
+"""
+        + targets_toml(receiver.url, smtp.port),
         encoding="utf-8",
     )
     monkeypatch.setenv("COALITION_WATCH_CONFIG", str(config))

@@ -16,13 +16,13 @@ from storage.claims import claim
 from storage.db import SessionFactory, make_engine, session_factory
 from storage.models import Alert, Delivery
 from tests.alerts.conftest import (
-    SECRET,
     Clock,
     Pipeline,
     SmtpServer,
     WebhookReceiver,
     add_article,
     add_story,
+    targets_toml,
     wait_for,
     webhook_target,
 )
@@ -108,23 +108,8 @@ rules = "{rules}"
 evaluate_interval = 0.2
 deliver_interval = 3600   # the first run only: nothing is flushed or sent before the kill
 
-[[alerts.targets]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url}"
-secret = "{SECRET}"
-timeout = "5s"
-
-[[alerts.targets]]
-name = "desk"
-kind = "email"
-host = "127.0.0.1"
-port = {smtp.port}
-security = "none"
-from = "alerts@cw.example"
-to = ["desk@newsroom.example"]
-timeout = "5s"
-""",
+"""
+        + targets_toml(receiver.url, smtp.port),
         encoding="utf-8",
     )
     empty_seeds = tmp_path / "no-seeds"

@@ -39,7 +39,7 @@ from sqlmodel import col, select
 
 from storage.db import SessionFactory, make_engine, session_factory
 from storage.models import Alert, Article, ArticleStatus, Classification, Delivery
-from tests.alerts.conftest import SECRET, SmtpServer, WebhookReceiver
+from tests.alerts.conftest import SmtpServer, WebhookReceiver, targets_toml
 from tests.collectors.feedserver import FeedServer, Reply, Request, conditional
 from tests.conftest import REPO, ServiceProcess, free_port
 
@@ -389,23 +389,8 @@ evaluate_interval = 0.3
 deliver_interval = 0.3
 lease = "30s"
 
-[[alerts.targets]]
-name = "ops-hook"
-kind = "webhook"
-url = "{hook.url}"
-secret = "{SECRET}"
-timeout = "5s"
-
-[[alerts.targets]]
-name = "desk-mail"
-kind = "email"
-host = "127.0.0.1"
-port = {smtp.port}
-security = "none"
-from = "Coalition Watch <alerts@cw.example>"
-to = ["desk@newsroom.example"]
-timeout = "5s"
-""",
+"""
+        + targets_toml(hook.url, smtp.port, hook="ops-hook", desk="desk-mail"),
         encoding="utf-8",
     )
     return config
