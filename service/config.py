@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -115,9 +114,6 @@ class _FileEnvSource(EnvSettingsSource):
             except OSError as exc:
                 raise ConfigError(f"{key}: cannot read secret file {path!r}: {exc}") from exc
         return values
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return super().get_field_value(field, field_name)
 
 
 def _describe(exc: ValidationError, source_hint: str) -> str:
