@@ -121,7 +121,8 @@ def decide_precision(option: str, heads: Heads, encoder: Encoder) -> tuple[Encod
 
     bfloat16 is used only where the CPU runs it natively, the heads' training run found its
     dev-set predictions equal to float32's, and it measures faster than float32 here;
-    float32 otherwise. ``encoder`` is the float32 encoder.
+    float32 otherwise. ``encoder`` is the float32 encoder; it is converted in place, so the
+    process never holds both copies once the decision is made.
     """
     if option == "float32":
         return encoder, "float32 configured"
@@ -130,7 +131,7 @@ def decide_precision(option: str, heads: Heads, encoder: Encoder) -> tuple[Encod
             log.warning("precision bfloat16 configured but this CPU has no native bfloat16")
         return encoder, "float32: this CPU has no native bfloat16"
     if option == "bfloat16":
-        return encoder.with_precision("bfloat16"), "bfloat16 configured"
+        return encoder.to_precision("bfloat16"), "bfloat16 configured"
     check = heads.meta.get("precision_check") or {}
     if not check.get("bf16_checked"):
         return encoder, "float32: bfloat16 was not checked against the dev set"
@@ -143,7 +144,7 @@ def decide_precision(option: str, heads: Heads, encoder: Encoder) -> tuple[Encod
             "float32's speed on this CPU"
         )
     return (
-        encoder.with_precision("bfloat16"),
+        encoder.to_precision("bfloat16"),
         f"bfloat16: matches float32 on the dev set and runs {ratio:.2f}x faster",
     )
 

@@ -179,6 +179,15 @@ class Encoder:
             precision=precision,
         )
 
+    def to_precision(self, precision: Precision) -> Encoder:
+        """Convert this encoder's weights in place (no second copy in memory); returns self."""
+        import torch
+
+        self._dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.model.to(self._dtype)
+        self.precision = precision
+        return self
+
     def with_precision(self, precision: Precision) -> Encoder:
         """The same weights at another precision (a copy of the model)."""
         import copy
