@@ -10,7 +10,8 @@ Both classify the same ~300-token articles (built from the labelled examples in
 
 Each path runs in its own child process so its peak RSS is its own; rounds alternate the two
 paths so that other load on the machine slows both alike. Figures are medians of repeated
-passes after a warm-up pass. Run: ``python benchmarks/classify.py [--articles N]``.
+passes after a warm-up pass. Run: ``python benchmarks/classify.py [--articles N]``;
+``--breakdown`` profiles the project path instead and prints its time per operator.
 """
 
 from __future__ import annotations
@@ -117,6 +118,24 @@ def run_project(texts: list[str], repeats: int) -> dict[str, float | str]:
     }
 
 
+def breakdown(texts: list[str]) -> None:
+    """Where the project path spends its time: self CPU time per operator, one profiled pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from processors.classifier import ClassifierOptions, load_classifier
+
+    classifier = load_classifier(ClassifierOptions())
+    classifier.classify(texts)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        classifier.classify(texts)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    print(f"project path ({classifier.encoder.precision}), self CPU time per operator:")
+    for event in rows[:8]:
+        share = event.self_cpu_time_total / total
+        print(f"  {event.key:55s} {share:6.1%}  {event.self_cpu_time_total / 1e3:8.1f} ms")
+
+
 def _child(path: str, articles: int, repeats: int) -> dict[str, float | str]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", path, "--articles", str(articles),
@@ -135,7 +154,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", choices=["plain", "project"])
+    parser.add_argument(
+        "--breakdown", action="store_true", help="profile the project path per operator instead"
+    )
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(_articles(args.articles))
+        return
     if args.child:
         texts = _articles(args.articles)
         runner = run_plain if args.child == "plain" else run_project
