@@ -392,10 +392,11 @@ def collect_cmd(
 ) -> None:
     """Poll the due feeds (with --once: one pass; otherwise until Ctrl-C)."""
     from service.cli import context, require_schema
-    from service.jobs import run_collect
+    from service.jobs import free_dead_leases, run_collect
 
     ctx = context()
     require_schema(ctx)
+    free_dead_leases(ctx, own_id_is_free=not ctx.settings.instance_id)
     try:
         while True:
             result = asyncio.run(run_collect(ctx))

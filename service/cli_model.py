@@ -161,10 +161,11 @@ def classify_cmd(
 ) -> None:
     """Classify pending articles now (with --all: every stored article)."""
     from service.cli import context, require_schema
-    from service.jobs import ClassifyJobs, run_classify
+    from service.jobs import ClassifyJobs, free_dead_leases, run_classify
 
     ctx = context()
     require_schema(ctx)
+    free_dead_leases(ctx, own_id_is_free=not ctx.settings.instance_id)
     jobs = ClassifyJobs(ctx.settings.classifier)
     _ensure_encoder(ctx.settings.classifier)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from processors.classifier import (
 )
 from processors.classify import BatchStats, ClassifyResult, classify_pending, count_pending
 from processors.e5convert import build_model
-from service.context import AppContext
+from service.context import AppContext, lease_owner_is_dead
 from service.metrics import Metrics
+from storage.claims import release_dead_leases
 from storage.db import transaction
 from storage.retention import RetentionResult, purge
 
@@ -49,6 +51,27 @@ class JobSpec:
     interval_seconds: float
     # Run once when the service starts, beside the schedule (e.g. loading the model).
     start: JobFunc | None = None
+
+
+def free_dead_leases(ctx: AppContext, *, own_id_is_free: bool = True) -> dict[str, int]:
+    """Before claiming anything, free the leases that processes known to be dead left behind.
+
+    Dead: this process's own ``instance_id`` (when ``own_id_is_free``: nothing else runs under
+    it, and this process has claimed nothing yet), and ``<this host>:<pid>`` where no process
+    ``pid`` runs. Their rows are claimed again at once instead of after their lease. A one-shot
+    command beside a running service shares a configured ``instance_id`` with it: it passes
+    ``own_id_is_free=False`` then.
+    """
+    own_id = ctx.instance_id if own_id_is_free else None
+    hostname = socket.gethostname()
+    released = release_dead_leases(
+        ctx.sessions, lambda owner: lease_owner_is_dead(owner, own_id=own_id, hostname=hostname)
+    )
+    for owner, count in released.items():
+        log.info(
+            "released %d leases left by dead process %s", count, owner, extra={"lease_owner": owner}
+        )
+    return released
 
 
 def run_seeds(ctx: AppContext) -> SeedIngestResult:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 # Keys that stages put in ``extra=``; they are printed whenever present.
 FIXED_KEYS = (
     "feed_url", "article_id", "rule", "target", "delivery_id", "alert_id", "story_id",
-    "seed_file", "job", "error_kind",
+    "seed_file", "job", "error_kind", "lease_owner",
 )  # fmt: skip
 
 

@@ -1,5 +1,8 @@
 """``coalition-watch run``: one process, one event loop, the scheduler and the HTTP server.
 
+Before the scheduler starts, the leases left by a dead process on this host, or by an earlier
+process under this one's own name, are freed (:func:`service.jobs.free_dead_leases`).
+
 SIGINT/SIGTERM stop the scheduler from taking new work, let running jobs finish (their leases
 cover a crash), stop the HTTP server and return, so the process exits 0.
 """
@@ -19,7 +22,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from service.context import AppContext
 from service.http import Readiness, create_app
-from service.jobs import JobSpec, job_specs
+from service.jobs import JobSpec, free_dead_leases, job_specs
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,10 @@ async def serve(ctx: AppContext) -> bool:
     )
     server = _Server(config)
     specs = job_specs(ctx, readiness.checks)  # /readyz: "model: loading" until it is loaded
+    try:  # the work a killed predecessor held is taken again now, not after its leases
+        await asyncio.to_thread(free_dead_leases, ctx)
+    except Exception as exc:  # the database is checked at every job run anyway
+        log.warning("could not free the leases of dead processes (%s): they expire instead", exc)
     scheduler = build_scheduler(ctx, specs)
     scheduler.start()
     readiness.scheduler_running = True

@@ -3,7 +3,8 @@
 A claim is a short transaction: pick due rows whose lease is free or expired, stamp them with
 ``claimed_by``/``claimed_until``, commit. The worker then does the work and, in the transaction
 that stores the result, changes the row's status and clears the lease (:func:`release`). A crash
-leaves the lease to expire, and the row is claimed again by whoever comes next.
+leaves the lease to expire, and the row is claimed again by whoever comes next; a process that
+starts clears at once the leases of owners it can tell are dead (:func:`release_dead_leases`).
 
 On PostgreSQL the pick is ``SELECT … FOR UPDATE SKIP LOCKED``, so replicas sharing one database
 never pick the same row. On SQLite (one process) the conditional UPDATE is enough.
@@ -11,7 +12,7 @@ never pick the same row. On SQLite (one process) the conditional UPDATE is enoug
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -19,8 +20,12 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
 from storage.db import SessionFactory
+from storage.models import Alert, Article, Delivery, Feed
 
 M = TypeVar("M", bound=SQLModel)
+
+# Every table whose rows are claimed with a lease.
+LEASED_MODELS: tuple[type[SQLModel], ...] = (Feed, Article, Alert, Delivery)
 
 
 def lease_free(model: Any, now: datetime) -> sa.ColumnElement[bool]:
@@ -91,3 +96,44 @@ def still_owned(session: Session, model: type[M], row_id: int, owner: str) -> M 
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     return session.execute(stmt).scalars().first()
+
+
+def release_dead_leases(
+    sessions: SessionFactory, owner_is_dead: Callable[[str], bool]
+) -> dict[str, int]:
+    """Clear every lease, expired or not, whose owner ``owner_is_dead`` judges dead.
+
+    Each owner is judged once. Each table is read, then updated in its own short transaction,
+    ``WHERE claimed_by = <dead owner>``: a row that a live worker claimed in between keeps its
+    new lease. Returns the number of leases cleared per owner (owners with none are left out).
+    """
+    verdicts: dict[str, bool] = {}
+
+    def dead(owner: str) -> bool:
+        if owner not in verdicts:
+            verdicts[owner] = owner_is_dead(owner)
+        return verdicts[owner]
+
+    released: dict[str, int] = {}
+    for model in LEASED_MODELS:
+        table: Any = model
+        with sessions() as session:
+            owners = list(
+                session.execute(
+                    sa.select(table.claimed_by).where(table.claimed_by.is_not(None)).distinct()
+                ).scalars()
+            )
+        gone = [owner for owner in owners if dead(owner)]
+        if not gone:
+            continue
+        with sessions() as session:
+            connection = session.connection()  # its results count the rows updated
+            for owner in gone:
+                cleared = connection.execute(
+                    sa.update(table)
+                    .where(table.claimed_by == owner)
+                    .values(claimed_by=None, claimed_until=None)
+                )
+                released[owner] = released.get(owner, 0) + cleared.rowcount
+            session.commit()
+    return {owner: n for owner, n in released.items() if n}

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import col, select
 
 from storage.db import SessionFactory, make_engine, session_factory
-from storage.models import Alert, Article, ArticleStatus, Classification, Delivery
+from storage.models import Alert, Article, ArticleStatus, Classification, Delivery, Feed
 from tests.alerts.conftest import SmtpServer, WebhookReceiver, targets_toml
 from tests.collectors.feedserver import FeedServer, Reply, Request, conditional
 from tests.conftest import REPO, ServiceProcess, free_port
@@ -762,6 +763,138 @@ def test_sigterm_and_kill_9_during_classification_lose_nothing_and_do_nothing_tw
     assert "Traceback" not in text and "ERROR" not in text, svc.log_tail(200)
     assert text.count("coalition-watch running on") == 3
     assert text.count("coalition-watch stopped") + text.count(LEFT_TO_LEASES) == 2
+
+
+# --- a restart frees the leases a killed process held ----------------------------------------
+
+LONG_LEASE = 600  # the default classifier.lease_seconds
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.slow
+def test_a_restart_takes_over_at_once_the_work_a_kill_9_left_under_long_leases(
+    e2e: E2E, record_property: Callable[[str, object], None]
+) -> None:
+    """The default instance name (host:pid) and 10-minute leases, as in production: after
+    ``kill -9`` the restarted service frees the dead process's leases when it starts, and
+    classifies its batch within a fraction of the lease, each article once."""
+    svc = e2e.svc
+    if svc.proc is not None and svc.proc.poll() is None:
+        assert svc.stop(timeout=15) == 0
+    svc.env.pop("COALITION_WATCH_INSTANCE_ID", None)
+    svc.env["COALITION_WATCH_CLASSIFIER__LEASE_SECONDS"] = str(LONG_LEASE)
+    log_start = svc.log.stat().st_size if svc.log.exists() else 0
+    total = 160
+    svc.start()
+    e2e.wait_ready()
+    assert svc.proc is not None
+    victim = f"{socket.gethostname()}:{svc.proc.pid}"  # its instance_id: Popen runs python itself
+    feed_id = add_feed(e2e, "/bulk3.xml", bulk_items("third", total))
+
+    def holding_a_batch() -> bool:
+        with e2e.sessions() as s:
+            mine = s.exec(
+                select(Article.id).where(
+                    Article.feed_id == feed_id,
+                    Article.claimed_by == victim,
+                    Article.status == ArticleStatus.NEW,
+                )
+            ).all()
+        return bool(mine)
+
+    wait_until(holding_a_batch, 120, "the service classifying under its host:pid name", svc)
+    svc.kill()
+    with e2e.sessions() as s:
+        held = s.exec(select(Article).where(Article.claimed_by == victim)).all()
+    done_at_kill = e2e.feed_articles(feed_id)[1]
+    assert held and done_at_kill < total
+    # The leases really are long: without the release at start they would hold for minutes.
+    assert all(a.claimed_until is not None for a in held)
+    assert min(a.claimed_until for a in held if a.claimed_until) > datetime.now(UTC) + timedelta(
+        seconds=LONG_LEASE - 120
+    )
+
+    restarted = time.monotonic()
+    svc.start()  # the same settings: another pid, so another name
+    e2e.wait_ready()
+    ready = time.monotonic()
+
+    def all_done() -> bool:
+        with e2e.sessions() as s:
+            pending = s.execute(
+                sa.select(sa.func.count()).where(col(Article.status) == ArticleStatus.NEW)
+            ).scalar_one()
+        return pending == 0 and e2e.feed_articles(feed_id) == (total, total)
+
+    bound = LONG_LEASE / 3  # well under the lease: only the release can explain it
+    wait_until(all_done, bound, "the dead process's batch classified after the restart", svc)
+    recovered = time.monotonic() - restarted
+    with e2e.sessions() as s:
+        articles = s.execute(sa.select(sa.func.count(col(Article.id)))).scalar_one()
+        per_article = s.execute(
+            sa.select(col(Classification.article_id), sa.func.count())
+            .group_by(col(Classification.article_id))
+        ).all()  # fmt: skip
+        still_held = s.exec(select(Article.id).where(Article.claimed_by == victim)).all()
+    assert len(per_article) == articles and {n for _, n in per_article} == {1}
+    assert still_held == []
+
+    text = svc.log.read_text(errors="replace")[log_start:]
+    released = [line for line in text.splitlines() if "left by dead process " + victim in line]
+    assert len(released) == 1, svc.log_tail(100)
+    count = int(released[0].split("released ", 1)[1].split(" ", 1)[0])
+    assert count >= len(held), released  # the articles, and any feed, alert or delivery lease
+    report(
+        record_property, "restart_recovery_seconds_long_lease", recovered,
+        f"kill -9 holding {len(held)} article lease(s) of {LONG_LEASE} s ({done_at_kill}/{total} "
+        f"classified) → restart → ready in {ready - restarted:.1f} s, {count} lease(s) freed at "
+        f"start → all {total} classified, each once, {recovered:.1f} s after the restart",
+    )  # fmt: skip
+    assert svc.stop(timeout=15) == 0
+    assert "Traceback" not in text and "ERROR" not in text, svc.log_tail(200)
+
+
+def test_collect_once_frees_a_feed_left_by_a_dead_process_on_this_host(tmp_path: Path) -> None:
+    server = FeedServer().start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COALITION_WATCH_")}
+        env.update(
+            COALITION_WATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'collect.db'}",
+            PYTHONPATH=str(REPO),
+        )
+        svc = Service(tmp_path, env, free_port())
+        svc.cli("db", "upgrade")
+        urls = [
+            server.document(f"/{name}.xml", rss(name, "https://e2e-news.example/", OFF_TOPIC))
+            for name in ("orphaned", "busy")
+        ]
+        for url in urls:
+            svc.cli("feeds", "add", url)
+        host = socket.gethostname()
+        dead, alive = f"{host}:{_dead_pid()}", f"{host}:{os.getpid()}"
+        engine = make_engine(env["COALITION_WATCH_DATABASE_URL"])
+        until = datetime.now(UTC) + timedelta(minutes=10)
+        with engine.begin() as conn:
+            for url, owner in zip(urls, (dead, alive), strict=True):
+                conn.execute(
+                    sa.update(Feed).where(col(Feed.url) == url).values(
+                        claimed_by=owner, claimed_until=until, next_check_at=None
+                    )
+                )  # fmt: skip
+        out = svc.cli("collect", "--once")
+        assert "polled 1 feeds: 1 ok" in out.stdout, out
+        assert f"released 1 leases left by dead process {dead}" in out.stderr, out.stderr
+        with engine.connect() as conn:
+            leases = dict(conn.execute(sa.select(col(Feed.url), col(Feed.claimed_by))).all())
+        engine.dispose()
+        assert leases == {urls[0]: None, urls[1]: alive}  # the live process's feed is untouched
+    finally:
+        server.stop()
 
 
 # --- a newcomer's first minutes ---------------------------------------------------------------
