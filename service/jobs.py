@@ -8,6 +8,7 @@ lets an exception escape into the scheduler: the next run simply tries again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import socket
@@ -131,6 +132,10 @@ class ClassifyJobs:
                 except Exception as exc:
                     self.checks["model"] = f"failed to load ({exc}); retrying at the next run"
                     raise
+                # The model brings ~400,000 long-lived objects; a full collection would scan
+                # them all (about 250 ms holding the GIL, so /healthz and every job stall).
+                # Freezing moves them out of the collector's generations for good.
+                gc.freeze()
                 self.checks["model"] = ""
             return self._classifier
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -261,3 +262,21 @@ def test_options_map_to_the_stage(classifier_options: ClassifierOptions) -> None
     stage = classifier_options.stage_options()
     assert stage.story_window == timedelta(hours=72)
     assert stage.batch_size == classifier_options.claim_batch
+
+
+def test_the_loaded_model_is_kept_out_of_the_garbage_collectors_scans(
+    classifier_options: ClassifierOptions,
+) -> None:
+    """A full collection over the model's objects held the GIL ~250 ms: /healthz stalled."""
+    gc.unfreeze()
+    try:
+        jobs = ClassifyJobs(classifier_options)
+        assert jobs.checks["model"] == "loading"
+        loaded = jobs.classifier()
+        assert jobs.checks["model"] == ""
+        assert gc.get_freeze_count() > 100_000
+        tracked = {id(o) for o in gc.get_objects()}
+        modules = list(loaded.encoder.model.modules())
+        assert len(modules) > 100 and not any(id(m) in tracked for m in modules)
+    finally:
+        gc.unfreeze()
