@@ -107,7 +107,6 @@ class Encoder:
         batch_tokens: int = 2048,
         precision: Precision = "float32",
     ) -> None:
-        import torch
 
         self.tokenizer = tokenizer
         self.model = model
@@ -115,7 +114,6 @@ class Encoder:
         self.prefix = prefix
         self.batch_size = max(1, batch_size)
         self.batch_tokens = max(1, batch_tokens)
-        self.precision: Precision = precision
         limit = int(getattr(model.config, "max_position_embeddings", max_tokens) or max_tokens)
         model_max = int(getattr(tokenizer, "model_max_length", max_tokens) or max_tokens)
         self.max_tokens = min(max_tokens, limit, model_max)
@@ -128,8 +126,7 @@ class Encoder:
         pad = tokenizer.pad_token_id
         self._pad = int(pad if pad is not None else 0)
         self.dim = int(model.config.hidden_size)
-        self._dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-        self.model.to(self._dtype)
+        self.to_precision(precision)
         self.model.eval()
 
     @classmethod
