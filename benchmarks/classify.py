@@ -94,12 +94,12 @@ def run_plain(texts: list[str], repeats: int) -> dict[str, float]:
     }
 
 
-def run_project(texts: list[str], repeats: int) -> dict[str, float | str]:
+def run_project(texts: list[str], repeats: int, attention: str = "auto") -> dict[str, float | str]:
     import torch
 
     from processors.classifier import ClassifierOptions, load_classifier
 
-    classifier = load_classifier(ClassifierOptions())
+    classifier = load_classifier(ClassifierOptions(attention=attention))
 
     def one_pass() -> float:
         start = time.perf_counter()
@@ -112,34 +112,38 @@ def run_project(texts: list[str], repeats: int) -> dict[str, float | str]:
         "articles_per_second": len(texts) / statistics.median(times),
         "precision": classifier.encoder.precision,
         "precision_reason": classifier.precision_reason,
+        "attention": classifier.encoder.attention,
         "batch_tokens": classifier.encoder.batch_tokens,
         "threads": torch.get_num_threads(),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def breakdown(texts: list[str]) -> None:
+def breakdown(texts: list[str], attention: str = "auto") -> None:
     """Where the project path spends its time: self CPU time per operator, one profiled pass."""
     from torch.profiler import ProfilerActivity, profile
 
     from processors.classifier import ClassifierOptions, load_classifier
 
-    classifier = load_classifier(ClassifierOptions())
+    classifier = load_classifier(ClassifierOptions(attention=attention))
     classifier.classify(texts)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         classifier.classify(texts)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) or 1
-    print(f"project path ({classifier.encoder.precision}), self CPU time per operator:")
+    print(
+        f"project path ({classifier.encoder.precision}, attention {classifier.encoder.attention}),"
+        " self CPU time per operator:"
+    )
     for event in rows[:8]:
         share = event.self_cpu_time_total / total
         print(f"  {event.key:55s} {share:6.1%}  {event.self_cpu_time_total / 1e3:8.1f} ms")
 
 
-def _child(path: str, articles: int, repeats: int) -> dict[str, float | str]:
+def _child(path: str, articles: int, repeats: int, attention: str) -> dict[str, float | str]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", path, "--articles", str(articles),
-         "--repeats", str(repeats)],
+         "--repeats", str(repeats), "--attention", attention],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
     if out.returncode != 0:
@@ -155,16 +159,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", choices=["plain", "project"])
     parser.add_argument(
+        "--attention",
+        choices=["auto", "kernel", "sdpa"],
+        default="auto",
+        help="the project path's attention (default: as the service runs it)",
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="profile the project path per operator instead"
     )
     args = parser.parse_args()
     if args.breakdown:
-        breakdown(_articles(args.articles))
+        breakdown(_articles(args.articles), args.attention)
         return
     if args.child:
         texts = _articles(args.articles)
-        runner = run_plain if args.child == "plain" else run_project
-        print(json.dumps(runner(texts, args.repeats)))
+        if args.child == "plain":
+            print(json.dumps(run_plain(texts, args.repeats)))
+        else:
+            print(json.dumps(run_project(texts, args.repeats, args.attention)))
         return
 
     from processors.e5convert import build_model
@@ -173,8 +185,8 @@ def main() -> None:
     # Rounds alternate the two paths, so a neighbour's load slows both alike.
     plains, projects = [], []
     for _ in range(args.rounds):
-        plains.append(_child("plain", args.articles, args.repeats))
-        projects.append(_child("project", args.articles, args.repeats))
+        plains.append(_child("plain", args.articles, args.repeats, args.attention))
+        projects.append(_child("project", args.articles, args.repeats, args.attention))
     plain_rate = statistics.median(float(r["articles_per_second"]) for r in plains)
     project_rate = statistics.median(float(r["articles_per_second"]) for r in projects)
     ratios = [
@@ -192,7 +204,8 @@ def main() -> None:
         f"peak RSS {max(float(r['peak_rss_mb']) for r in plains):.0f} MB"
     )
     print(
-        f"  project path ({project['batch_tokens']} tokens/batch, {project['precision']}):"
+        f"  project path ({project['batch_tokens']} tokens/batch, {project['precision']}, "
+        f"attention {project['attention']}):"
         f"  {project_rate:6.2f} articles/s, "
         f"peak RSS {max(float(r['peak_rss_mb']) for r in projects):.0f} MB"
     )

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from processors.classify import ClassifyOptions
 from processors.e5convert import MODEL_NAME, cache_root, default_model_dir
 from processors.encoder import (
+    Attention,
     Encoder,
     Precision,
     cpu_supports_bf16,
@@ -72,6 +73,11 @@ class ClassifierOptions(BaseModel):
     offline: bool = Field(default=True, description="never reach a model hub")
     heads_dir: Path | None = Field(default=None, description="trained heads; processors/heads")
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    attention: Attention = Field(
+        default="auto",
+        description="'auto': the project's CPU attention kernel where it builds, else PyTorch's "
+        "sdpa; 'kernel': require the kernel; 'sdpa': never use it",
+    )
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = the usable cores")
     batch_size: int = Field(default=16, ge=1, le=512, description="most windows per forward pass")
     batch_tokens: int = Field(
@@ -217,6 +223,7 @@ def load_encoder(options: ClassifierOptions, precision: Precision = "float32") -
         batch_tokens=options.batch_tokens,
         precision=precision,
         threads=options.threads,
+        attention=options.attention,
     )
 
 
@@ -230,7 +237,12 @@ def load_classifier(options: ClassifierOptions) -> Classifier:
         )
     encoder, reason = decide_precision(options.precision, heads, load_encoder(options))
     classifier = Classifier(encoder, heads, reason)
-    log.info("classifier %s loaded, %s", classifier.model_version, reason)
+    log.info(
+        "classifier %s loaded, %s, attention %s",
+        classifier.model_version,
+        reason,
+        encoder.attention,
+    )
     return classifier
 
 
@@ -366,6 +378,7 @@ def evaluate_items(classifier: Classifier, items: Sequence[LabelledItem]) -> Rep
     report.extra = {
         "model_version": classifier.model_version,
         "precision": classifier.encoder.precision,
+        "attention": classifier.encoder.attention,
     }
     return report
 

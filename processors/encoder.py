@@ -26,6 +26,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Precision = Literal["float32", "bfloat16"]
+Attention = Literal["auto", "kernel", "sdpa"]
 
 
 def available_cores() -> int:
@@ -142,13 +143,28 @@ class Encoder:
         batch_tokens: int = 2048,
         precision: Precision = "float32",
         threads: int = 0,
+        attention: Attention = "auto",
     ) -> Encoder:
-        """Load ``source`` (a model folder or a hub id) with AutoTokenizer/AutoModel."""
+        """Load ``source`` (a model folder or a hub id) with AutoTokenizer/AutoModel.
+
+        ``attention``: "auto" uses the project's CPU attention kernel (:mod:`processors.attention`)
+        where it builds and PyTorch's ``sdpa`` otherwise; "kernel" requires the kernel; "sdpa"
+        never uses it.
+        """
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from processors import attention as cw_attention
+
         torch.set_num_threads(threads if threads > 0 else available_cores())
+        implementation = "sdpa"
+        if attention == "kernel":
+            cw_attention.load_kernel()  # raises KernelBuildError naming the compiler's complaint
+            cw_attention.register()
+            implementation = cw_attention.NAME
+        elif attention == "auto" and cw_attention.register():
+            implementation = cw_attention.NAME
         if offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         name = str(source)
@@ -156,7 +172,9 @@ class Encoder:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in the service's log
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-            model = AutoModel.from_pretrained(name, local_files_only=offline)
+            model = AutoModel.from_pretrained(
+                name, local_files_only=offline, attn_implementation=implementation
+            )
         except (OSError, ValueError) as exc:
             hint = (
                 " (offline: only local folders and already cached hub ids load)" if offline else ""
@@ -175,6 +193,11 @@ class Encoder:
             batch_tokens=batch_tokens,
             precision=precision,
         )
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation the model runs ("cw_cpu", "sdpa", …)."""
+        return str(getattr(self.model.config, "_attn_implementation", None) or "eager")
 
     def to_precision(self, precision: Precision) -> Encoder:
         """Convert this encoder's weights in place (no second copy in memory); returns self."""

@@ -66,6 +66,8 @@ def model_build(
         result = build_model(folder, force=force)
     except ConversionError as exc:
         raise _fail(f"model build failed: {exc}") from exc
+    if options.attention != "sdpa":  # before the precision is measured: it runs the model
+        _build_attention_kernel(required=options.attention == "kernel")
     if result.built:
         typer.echo(f"built {DEFAULT_ENCODER} in {result.folder}")
         # A fresh build is a new machine or a new model: decide the precision now and record
@@ -78,6 +80,20 @@ def model_build(
             typer.echo(f"precision: {classifier.precision_reason}")
     else:
         typer.echo(f"{DEFAULT_ENCODER} is already built in {result.folder}")
+
+
+def _build_attention_kernel(*, required: bool) -> None:
+    """Compile the CPU attention kernel now rather than at the service's first load."""
+    from processors.attention import KernelBuildError, build_kernel
+
+    try:
+        path = build_kernel()
+    except KernelBuildError as exc:
+        if required:
+            raise _fail(f"attention kernel: {exc}") from exc
+        typer.echo(f"attention kernel not built ({exc}); PyTorch's sdpa will be used", err=True)
+    else:
+        typer.echo(f"attention kernel: {path}")
 
 
 @model_app.command("train")
@@ -149,6 +165,7 @@ def model_info() -> None:
     typer.echo(f"model_version  {classifier.model_version}")
     typer.echo(f"encoder        {classifier.encoder_id} ({_options().encoder_source()})")
     typer.echo(f"precision      {classifier.encoder.precision}: {classifier.precision_reason}")
+    typer.echo(f"attention      {classifier.encoder.attention}")
     typer.echo(f"heads          {_options().heads_path()}")
     typer.echo(f"trained on     {json.dumps(meta.get('training_data', {}))}")
     typer.echo(f"dev metrics    {json.dumps(meta.get('dev_metrics', {}))}")
