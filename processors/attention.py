@@ -125,6 +125,7 @@ def load_kernel(cache: Path | None = None) -> ctypes.CDLL:
         except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
             _load_error = f"attention kernel unavailable: {exc}"
             raise KernelBuildError(_load_error) from exc
+        lib.cw_attention_isa.restype = ctypes.c_char_p
         fn = lib.cw_attention
         fn.restype = ctypes.c_int
         ptr, i64p, cint = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
@@ -134,12 +135,27 @@ def load_kernel(cache: Path | None = None) -> ctypes.CDLL:
         return lib
 
 
-def register(cache: Path | None = None) -> bool:
-    """Register ``cw_cpu`` with transformers; False (and a warning) when the kernel is missing."""
+def kernel_isa(lib: ctypes.CDLL) -> str:
+    """What the build targets: "avx512-bf16", "avx512", "avx2" or "generic"."""
+    return str(lib.cw_attention_isa().decode())
+
+
+def register(cache: Path | None = None, *, required: bool = False) -> bool:
+    """Register ``cw_cpu`` with transformers where it helps; False (and why, in the log) if not.
+
+    A "generic" build (no AVX2 or AVX-512) is slower than PyTorch's own kernel, so only
+    ``required`` registers it.
+    """
     try:
-        load_kernel(cache)
+        lib = load_kernel(cache)
     except KernelBuildError as exc:
+        if required:
+            raise
         log.warning("%s; using PyTorch's scaled_dot_product_attention", exc)
+        return False
+    isa = kernel_isa(lib)
+    if isa == "generic" and not required:
+        log.info("attention kernel built without AVX2 or AVX-512; using PyTorch's sdpa")
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -160,8 +160,7 @@ class Encoder:
         torch.set_num_threads(threads if threads > 0 else available_cores())
         implementation = "sdpa"
         if attention == "kernel":
-            cw_attention.load_kernel()  # raises KernelBuildError naming the compiler's complaint
-            cw_attention.register()
+            cw_attention.register(required=True)  # KernelBuildError names the compiler's complaint
             implementation = cw_attention.NAME
         elif attention == "auto" and cw_attention.register():
             implementation = cw_attention.NAME

@@ -84,16 +84,17 @@ def model_build(
 
 def _build_attention_kernel(*, required: bool) -> None:
     """Compile the CPU attention kernel now rather than at the service's first load."""
-    from processors.attention import KernelBuildError, build_kernel
+    from processors.attention import KernelBuildError, build_kernel, kernel_isa, load_kernel
 
     try:
         path = build_kernel()
+        isa = kernel_isa(load_kernel())
     except KernelBuildError as exc:
         if required:
             raise _fail(f"attention kernel: {exc}") from exc
         typer.echo(f"attention kernel not built ({exc}); PyTorch's sdpa will be used", err=True)
     else:
-        typer.echo(f"attention kernel: {path}")
+        typer.echo(f"attention kernel ({isa}): {path}")
 
 
 @model_app.command("train")

@@ -5,14 +5,14 @@
  * kernel reads the projections where the linear layers left them ([batch, seq, head, dim], float32
  * or bfloat16) and writes [batch, seq, head, dim], so no tensor is copied or converted around it.
  * It computes in float32; with bfloat16 inputs on a CPU with AVX512-BF16 the two products use
- * bfloat16 pair dot products with float32 sums instead (see run_head_bf16dot). Keys past a sequence's length (right padding) are masked out; query rows
- * past it are written as zeros (nothing downstream reads them but the masked mean, which skips
- * them). The exponential is exp2 on a reduced argument with a degree-6 polynomial (relative
+ * bfloat16 pair dot products with float32 sums instead (see run_head_bf16dot). Keys past a
+ * sequence's length (right padding) are masked out; query rows past it are written as zeros
+ * (nothing downstream reads them but the masked mean, which skips them). The exponential is exp2 on a reduced argument with a degree-6 polynomial (relative
  * error ~2e-7), and the scale folds in log2(e).
  *
  * Work is split by (batch, head) over `threads` OpenMP threads.
- * Written with GCC vector extensions: 16 floats per vector, AVX-512 registers where the CPU has
- * them, pairs of AVX2 registers otherwise.
+ * Written with GCC vector extensions: 16 floats per vector where the CPU has AVX-512, 8 otherwise
+ * (AVX2), with register blocks sized to the register file.
  *
  * Build: cc -O3 -march=native -fno-math-errno -fopenmp -fPIC -shared (no -ffast-math: the rounding
  * step of exp2 relies on strict float addition).
@@ -24,23 +24,34 @@
 #include <immintrin.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint16_t vhu __attribute__((vector_size(32), aligned(2)));
+#if defined(__AVX512F__)
+/* 32 vector registers of 16 floats. */
+#define VL 16   /* floats per vector */
+#define ROWS 8  /* query rows per block: ROWS x dim/VL accumulators for the weighted values */
+#define QROWS 4 /* rows per register block of scores */
+#define KBLK 4  /* key vectors per register block of scores: QROWS x KBLK accumulators */
+#else
+/* 16 vector registers (of 8 floats with AVX2): smaller blocks, or they spill. */
+#define VL 8
+#define ROWS 2
+#define QROWS 2
+#define KBLK 4
+#endif
 
-#define VL 16     /* floats per vector */
-#define ROWS 8    /* query rows per block: 8 x dim/16 accumulators for the weighted values */
-#define QROWS 4   /* rows per register block of scores */
-#define KBLK 4    /* key vectors per register block of scores (4 x 64 keys) */
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef uint16_t vhu __attribute__((vector_size(VL * 2), aligned(2)));
 #define MAX_DIM 128
 #define MAX_SEQ 8192
 
 static inline vf ld(const float *p) { return *(const vfu *)p; }
 static inline void st(float *p, vf v) { *(vfu *)p = v; }
 static inline vf splat(float x) {
-    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+    vf v;
+    for (int i = 0; i < VL; i++) v[i] = x;
+    return v;
 }
 
 static inline vf bf16_to_vf(const uint16_t *p) {
@@ -370,6 +381,19 @@ static void *worker(void *arg) {
     free(sc);
     free(qb);
     return (kt && vv && sc && qb) ? NULL : (void *)1;
+}
+
+/* The instruction set this build was compiled for; PyTorch's own kernels beat a "generic" one. */
+const char *cw_attention_isa(void) {
+#if defined(__AVX512BF16__)
+    return "avx512-bf16";
+#elif defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "generic";
+#endif
 }
 
 /* Returns 0 on success, 1 for unsupported shapes, 2 when memory or threads ran out. */

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -104,3 +105,8 @@ def test_model_build_cli_reports_the_existing_folder(e5_dir: Path, tmp_path: Pat
         timeout=120, check=True,
     )  # fmt: skip
     assert "already built" in out.stdout and str(e5_dir) in out.stdout
+    # The attention kernel is compiled (or found) at set-up, not at the service's first load.
+    line = r"attention kernel \((avx512-bf16|avx512|avx2|generic)\): (\S+\.so)"
+    kernel = re.search(line, out.stdout)
+    assert kernel is not None, out.stdout + out.stderr
+    assert Path(kernel.group(2)).is_file()
