@@ -46,7 +46,10 @@ ENV HOME=/home/coalition \
     COALITION_WATCH_DATABASE_URL=sqlite:////var/lib/coalition-watch/coalition-watch.db \
     COALITION_WATCH_SEEDS_DIR=/app/seeds \
     COALITION_WATCH_HTTP__HOST=0.0.0.0 \
-    COALITION_WATCH_HTTP__PORT=8000
+    COALITION_WATCH_HTTP__PORT=8000 \
+    COALITION_WATCH_CLASSIFIER__ATTENTION=sdpa
+# The image has no C compiler, so the CPU attention kernel (README, "Attention kernel") is off:
+# it is compiled for the CPU it runs on. To use it, install gcc in the image and drop that line.
 
 # The encoder, built as the service's user into its cache (under $HOME), so it is part of the
 # image and the container needs no network and no set-up at start.
