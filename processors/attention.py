@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 NAME = "cw_cpu"
 SOURCE = Path(__file__).resolve().parent / "kernels" / "attention.c"
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
-SUPPORTED_DIMS = range(16, 129, 16)
+SUPPORTED_DIMS = range(16, 129, 16)  # head widths the kernel takes (MAX_DIM in the C file)
+MAX_SEQ = 8192  # longest sequence it takes (MAX_SEQ in the C file)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -217,6 +218,7 @@ def attention_forward(
         and key.dtype == query.dtype == value.dtype
         and key.shape == query.shape == value.shape
         and dim in SUPPORTED_DIMS
+        and seq <= MAX_SEQ
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
     )
     lengths = _padding_lengths(attention_mask, batch, seq) if usable else None
@@ -237,6 +239,12 @@ def attention_forward(
             lengths.data_ptr(), strides(query), strides(key), strides(value), batch, seq, heads,
             dim, int(query.dtype == torch.bfloat16), scale, torch.get_num_threads(),
         )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"attention kernel failed (code {rc}) on a {tuple(query.shape)} batch")
+    if rc != 0:  # 2: a thread could not allocate its scratch memory
+        log.warning(
+            "attention kernel failed (code %d) on a %s batch; using sdpa", rc, tuple(query.shape)
+        )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )  # fmt: skip
     return out, None

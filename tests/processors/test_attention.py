@@ -114,6 +114,10 @@ def test_other_masks_and_training_fall_back_to_sdpa(sdpa_calls: list[int]) -> No
     with torch.inference_mode():
         attention.attention_forward(module, q, k, v, None, scaling=0.2, is_causal=True)
     assert sdpa_calls == [1, 1, 1]
+    long_q, long_k, long_v = _qkv(1, attention.MAX_SEQ + 1, 1, 16, torch.float32)
+    with torch.inference_mode():
+        out, _ = attention.attention_forward(module, long_q, long_k, long_v, None, scaling=0.25)
+    assert sdpa_calls == [1, 1, 1, 1] and out.shape == (1, attention.MAX_SEQ + 1, 1, 16)
 
 
 def test_the_encoder_runs_the_kernel_and_its_vectors_match_sdpa(e5_dir: Path) -> None:
