@@ -52,6 +52,26 @@ def _articles(n: int) -> list[str]:
     return out
 
 
+def _machine() -> str:
+    """CPU model, family/model numbers and the flags that decide bfloat16 speed."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
+    return (
+        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
+        f"{info.get('model', '?')}), {' '.join(f for f in wanted if f in flags) or 'no AVX2'}"
+    )
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -199,6 +219,7 @@ def main() -> None:
         f"{args.rounds} alternating rounds x median of {args.repeats} passes, "
         f"{plain['threads']} threads"
     )
+    print(f"  machine: {_machine()}")
     print(
         f"  plain transformers (batch 1, float32): {plain_rate:6.2f} articles/s, "
         f"peak RSS {max(float(r['peak_rss_mb']) for r in plains):.0f} MB"

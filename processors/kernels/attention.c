@@ -108,6 +108,14 @@ static inline float hsum(vf v) {
     return s;
 }
 
+/* Masks a row of scores past `len` (of `lp`, a whole number of vectors); returns its maximum. */
+static inline vf masked_row_max(float *s, int len, int lp) {
+    for (int j = len; j < lp; j++) s[j] = -1e30f;
+    vf m = ld(s);
+    for (int j = VL; j < lp; j += VL) m = vmax(m, ld(s + j));
+    return splat(hmax(m));
+}
+
 typedef struct {
     const void *q, *k, *v;
     void *out;
@@ -193,10 +201,7 @@ static inline __attribute__((always_inline)) void run_head_dim(task_t *t, int b,
         float inv[ROWS];
         for (int r = 0; r < ROWS; r++) {
             float *s = sc + (int64_t)r * lp;
-            for (int jj = len; jj < lp; jj++) s[jj] = -1e30f;
-            vf m = ld(s);
-            for (int jj = VL; jj < lp; jj += VL) m = vmax(m, ld(s + jj));
-            const vf mx = splat(hmax(m));
+            const vf mx = masked_row_max(s, len, lp);
             vf sum = {0};
             for (int jj = 0; jj < lp; jj += VL) {
                 vf p = exp2v(ld(s + jj) - mx);
@@ -304,10 +309,7 @@ static inline __attribute__((always_inline)) void run_head_bf16dot(task_t *t, in
         for (int r = 0; r < ROWS; r++) {
             float *s = pf + (int64_t)r * lp;
             uint16_t *w = pb + (int64_t)r * lp;
-            for (int jj = len; jj < lp; jj++) s[jj] = -1e30f;
-            vf m = ld(s);
-            for (int jj = VL; jj < lp; jj += VL) m = vmax(m, ld(s + jj));
-            const vf mx = splat(hmax(m));
+            const vf mx = masked_row_max(s, len, lp);
             vf sum = {0};
             for (int jj = 0; jj < lp; jj += 2 * VL) {
                 vf p0 = exp2v(ld(s + jj) - mx), p1 = exp2v(ld(s + jj + VL) - mx);
