@@ -165,7 +165,7 @@ def model_info() -> None:
     meta = classifier.heads.meta
     typer.echo(f"model_version  {classifier.model_version}")
     typer.echo(f"encoder        {classifier.encoder_id} ({_options().encoder_source()})")
-    typer.echo(f"precision      {classifier.encoder.precision}: {classifier.precision_reason}")
+    typer.echo(f"precision      {classifier.precision_reason}")  # it starts with the precision
     typer.echo(f"attention      {classifier.encoder.attention}")
     typer.echo(f"heads          {_options().heads_path()}")
     typer.echo(f"trained on     {json.dumps(meta.get('training_data', {}))}")

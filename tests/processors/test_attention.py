@@ -174,3 +174,20 @@ def test_the_kernel_is_built_once_per_cpu_and_compiler(tmp_path: Path) -> None:
     again = attention.build_kernel(tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
+
+
+@pytest.mark.parametrize("setting", ["auto", "sdpa"])
+def test_model_info_names_the_attention_in_use(e5_dir: Path, tmp_path: Path, setting: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COALITION_WATCH_")}
+    env.update(
+        COALITION_WATCH_CLASSIFIER__MODEL_DIR=str(e5_dir),
+        COALITION_WATCH_CLASSIFIER__ATTENTION=setting,
+        PYTHONPATH=str(REPO),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "model", "info"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+    assert lines["attention"] == (attention.NAME if setting == "auto" else "sdpa")
+    assert lines["precision"].startswith(("bfloat16", "float32"))
