@@ -191,3 +191,20 @@ def test_model_info_names_the_attention_in_use(e5_dir: Path, tmp_path: Path, set
     lines = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
     assert lines["attention"] == (attention.NAME if setting == "auto" else "sdpa")
     assert lines["precision"].startswith(("bfloat16", "float32"))
+
+
+def test_the_kernel_stays_inside_its_buffers_under_the_sanitizers(tmp_path: Path) -> None:
+    """150 shapes (lengths 1-512 around every block edge, head widths 16-128, both dtypes) with
+    AddressSanitizer and UndefinedBehaviorSanitizer, as compiled for this CPU."""
+    binary = tmp_path / "check_attention"
+    build = subprocess.run(
+        [os.environ.get("CC") or "cc", "-O1", "-g", "-march=native", "-fno-math-errno",
+         "-fopenmp", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-o", str(binary), str(Path(__file__).parent / "kernels" / "check_attention.c"),
+         str(attention.SOURCE)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "150 shapes clean"
