@@ -338,6 +338,25 @@ class E2E:
             ).scalar_one()
         return int(stored), int(done)
 
+    def all_classified(self, feed_id: int, total: int) -> bool:
+        """No article anywhere is waiting, and all ``total`` of the feed's are classified."""
+        with self.sessions() as s:
+            pending = s.execute(
+                sa.select(sa.func.count()).where(col(Article.status) == ArticleStatus.NEW)
+            ).scalar_one()
+        return pending == 0 and self.feed_articles(feed_id) == (total, total)
+
+    def classification_counts(self) -> tuple[int, list[int]]:
+        """(articles stored, number of classifications of each classified article)."""
+        with self.sessions() as s:
+            articles = s.execute(sa.select(sa.func.count(col(Article.id)))).scalar_one()
+            per_article = s.execute(
+                sa.select(sa.func.count())
+                .select_from(Classification)
+                .group_by(col(Classification.article_id))
+            ).all()
+        return int(articles), [int(n) for (n,) in per_article]
+
 
 def metric(
     values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
@@ -707,25 +726,17 @@ def test_sigterm_and_kill_9_during_classification_lose_nothing_and_do_nothing_tw
     ready = e2e.restart("e2e-run-3")
 
     def all_done() -> bool:
-        with e2e.sessions() as s:
-            pending = s.execute(
-                sa.select(sa.func.count()).where(col(Article.status) == ArticleStatus.NEW)
-            ).scalar_one()
-        return pending == 0 and e2e.feed_articles(feed_id) == (total, total)
+        return e2e.all_classified(feed_id, total)
 
     wait_until(all_done, 180, "every article classified after the restart", svc)
     recovered = time.monotonic() - restarted
     e2e.classify_windows.append((ready, time.monotonic()))
+    articles, per_article = e2e.classification_counts()
     with e2e.sessions() as s:
-        articles = s.execute(sa.select(sa.func.count(col(Article.id)))).scalar_one()
-        per_article = s.execute(
-            sa.select(col(Classification.article_id), sa.func.count())
-            .group_by(col(Classification.article_id))
-        ).all()  # fmt: skip
         versions = s.execute(sa.select(col(Classification.model_version)).distinct()).all()
     assert articles == stored_before + total  # nothing lost
     assert len(per_article) == articles, "every article has a classification"
-    assert {count for _, count in per_article} == {1}, "and only one"
+    assert set(per_article) == {1}, "and only one"
     assert len(versions) == 1
     # Alerts already sent (the feed change above) were not sent again by the restarts.
     assert (len(e2e.hook.received), len(e2e.smtp.messages)) == notified_before
@@ -825,23 +836,15 @@ def test_a_restart_takes_over_at_once_the_work_a_kill_9_left_under_long_leases(
     ready = time.monotonic()
 
     def all_done() -> bool:
-        with e2e.sessions() as s:
-            pending = s.execute(
-                sa.select(sa.func.count()).where(col(Article.status) == ArticleStatus.NEW)
-            ).scalar_one()
-        return pending == 0 and e2e.feed_articles(feed_id) == (total, total)
+        return e2e.all_classified(feed_id, total)
 
     bound = LONG_LEASE / 3  # well under the lease: only the release can explain it
     wait_until(all_done, bound, "the dead process's batch classified after the restart", svc)
     recovered = time.monotonic() - restarted
+    articles, per_article = e2e.classification_counts()
     with e2e.sessions() as s:
-        articles = s.execute(sa.select(sa.func.count(col(Article.id)))).scalar_one()
-        per_article = s.execute(
-            sa.select(col(Classification.article_id), sa.func.count())
-            .group_by(col(Classification.article_id))
-        ).all()  # fmt: skip
         still_held = s.exec(select(Article.id).where(Article.claimed_by == victim)).all()
-    assert len(per_article) == articles and {n for _, n in per_article} == {1}
+    assert len(per_article) == articles and set(per_article) == {1}
     assert still_held == []
 
     text = svc.log.read_text(errors="replace")[log_start:]
