@@ -54,15 +54,12 @@ def _articles(n: int) -> list[str]:
 
 def _machine() -> str:
     """CPU model, family/model numbers and the flags that decide bfloat16 speed."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        import platform
+    import platform
 
+    from processors.encoder import cpu_identity
+
+    info = cpu_identity()
+    if not info:
         return platform.processor() or platform.machine()
     flags = set(info.get("flags", "").split())
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]

@@ -16,6 +16,7 @@ attention, masks other than right padding, another device or dtype), PyTorch's
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -50,36 +51,30 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
-def _cpu_signature() -> str:
+@functools.lru_cache(maxsize=8)
+def _compiler_version(compiler: str) -> str:
+    """``<compiler> --version``, asked once per process."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            keys = ("model name", "flags", "cpu family", "model\t")
-            lines = {ln for ln in fh if ln.startswith(keys)}
-        return "".join(sorted(lines))
-    except OSError:
-        import platform
-
-        return platform.processor() or platform.machine()
+        return subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def kernel_path(cache: Path | None = None) -> Path:
     """Where the kernel for this source, compiler, flags and CPU is (or will be) built."""
     from processors.e5convert import cache_root
+    from processors.encoder import cpu_description
 
     compiler = _compiler()
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
     raw = b"|".join(
         [
             SOURCE.read_bytes(),
             compiler.encode(),
-            version.encode(),
+            _compiler_version(compiler).encode(),
             " ".join(CFLAGS).encode(),
-            _cpu_signature().encode(),
+            cpu_description().encode(),
         ]
     )
     digest = hashlib.sha256(raw).hexdigest()[:16]
@@ -206,8 +201,7 @@ def attention_forward(
     lib = _lib
     batch, heads, seq, dim = query.shape
     usable = (
-        lib is not None
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
         and not module.training
         and dropout == 0.0
         and not (is_causal or getattr(module, "is_causal", False))
@@ -222,29 +216,24 @@ def attention_forward(
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
     )
     lengths = _padding_lengths(attention_mask, batch, seq) if usable else None
-    if lib is None or lengths is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=is_causal, **kwargs,
-        )  # fmt: skip
-    out = torch.empty((batch, seq, heads, dim), dtype=query.dtype)
+    if lib is not None and lengths is not None:
+        out = torch.empty((batch, seq, heads, dim), dtype=query.dtype)
 
-    def strides(t: Any) -> Any:  # batch, seq, head
-        return (ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(1))
+        def strides(t: Any) -> Any:  # batch, seq, head
+            return (ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(1))
 
-    scale = float(scaling if scaling is not None else dim**-0.5)
-    with torch.profiler.record_function("cw_attention"):  # named in profiles (--breakdown)
-        rc = lib.cw_attention(
-            query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-            lengths.data_ptr(), strides(query), strides(key), strides(value), batch, seq, heads,
-            dim, int(query.dtype == torch.bfloat16), scale, torch.get_num_threads(),
-        )  # fmt: skip
-    if rc != 0:  # 2: a thread could not allocate its scratch memory
-        log.warning(
-            "attention kernel failed (code %d) on a %s batch; using sdpa", rc, tuple(query.shape)
-        )
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=is_causal, **kwargs,
-        )  # fmt: skip
-    return out, None
+        scale = float(scaling if scaling is not None else dim**-0.5)
+        with torch.profiler.record_function("cw_attention"):  # named in profiles (--breakdown)
+            rc = lib.cw_attention(
+                query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                lengths.data_ptr(), strides(query), strides(key), strides(value), batch, seq,
+                heads, dim, int(query.dtype == torch.bfloat16), scale, torch.get_num_threads(),
+            )  # fmt: skip
+        if rc == 0:
+            return out, None
+        # 2: a thread could not allocate its scratch memory
+        log.warning("attention kernel failed (code %d) on a %s batch; using sdpa", rc, query.shape)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        is_causal=is_causal, **kwargs,
+    )  # fmt: skip

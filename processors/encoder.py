@@ -67,22 +67,38 @@ def speed_ratio(candidate: Encoder, baseline: Encoder, *, reps: int = 5) -> floa
     return best[1] / max(best[0], 1e-9)
 
 
+def cpu_identity() -> dict[str, str]:
+    """The CPU's model name, family, model and flags from ``/proc/cpuinfo`` ({} where absent)."""
+    wanted = ("model name", "cpu family", "model", "flags")
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in wanted:
+                    info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
+
+
+def cpu_description() -> str:
+    """:func:`cpu_identity` as one string (the platform's name where there is no cpuinfo)."""
+    info = cpu_identity()
+    if not info:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return "|".join(f"{k}={v}" for k, v in sorted(info.items()))
+
+
 def host_signature() -> str:
     """CPU model, its flags, the thread count and the torch version: what decides speed."""
     import hashlib
 
     import torch
 
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))]
-        cpu = "".join(sorted(set(lines)))
-    except OSError:
-        import platform
-
-        cpu = platform.processor() or platform.machine()
-    raw = f"{cpu}|{torch.get_num_threads()}|{torch.__version__}"
+    raw = f"{cpu_description()}|{torch.get_num_threads()}|{torch.__version__}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

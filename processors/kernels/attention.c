@@ -67,13 +67,6 @@ static inline uint16_t f32_to_bf16(float x) {
     return (uint16_t)(u >> 16);
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 static inline vf vmax(vf a, vf b) {
     vi m = a > b;
     return (vf)(((vi)a & m) | ((vi)b & ~m));
@@ -126,14 +119,27 @@ typedef struct {
     int next;    /* next (batch, head) job, taken atomically */
 } task_t;
 
-static inline float load1(const void *base, int bf16, int64_t at) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[at]) : ((const float *)base)[at];
-}
-
 /* A row of `dim` values (dim a multiple of 16) into float32. */
 static inline void load_row(float *dst, const void *base, int bf16, int64_t at, int dim) {
     for (int d = 0; d < dim; d += VL)
         st(dst + d, bf16 ? bf16_to_vf((const uint16_t *)base + at + d) : ld((const float *)base + at + d));
+}
+
+/* One vector of output values at element `at`, rounded to bfloat16 for bfloat16 runs. */
+static inline void store_out(const task_t *t, int64_t at, vf o) {
+    if (t->bf16) {
+        uint16_t *dst = (uint16_t *)t->out + at;
+        for (int e = 0; e < VL; e++) dst[e] = f32_to_bf16(o[e]);
+    } else {
+        st((float *)t->out + at, o);
+    }
+}
+
+/* Padded query rows (from `len` on) of one head: zeros. */
+static inline void zero_padded_rows(const task_t *t, int64_t oo, int len, int64_t out_row) {
+    const size_t es = t->bf16 ? 2 : 4;
+    for (int i = len; i < t->seq; i++)
+        memset((char *)t->out + (oo + (int64_t)i * out_row) * es, 0, (size_t)t->dim * es);
 }
 
 static inline __attribute__((always_inline)) void run_head_dim(task_t *t, int b, int h, float *kt,
@@ -222,23 +228,11 @@ static inline __attribute__((always_inline)) void run_head_dim(task_t *t, int b,
                 for (int r = 0; r < ROWS; r++) acc[r][c] += splat(sc[(int64_t)r * lp + jj]) * x;
             }
         }
-        for (int r = 0; r < rows; r++) {
-            const int64_t at = oo + (int64_t)(i0 + r) * out_row;
-            for (int c = 0; c < dv; c++) {
-                vf o = acc[r][c] * inv[r];
-                if (bf16) {
-                    uint16_t *dst = (uint16_t *)t->out + at + c * VL;
-                    for (int e = 0; e < VL; e++) dst[e] = f32_to_bf16(o[e]);
-                } else {
-                    st((float *)t->out + at + c * VL, o);
-                }
-            }
-        }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < dv; c++)
+                store_out(t, oo + (int64_t)(i0 + r) * out_row + c * VL, acc[r][c] * inv[r]);
     }
-    /* Padded query rows: zeros. */
-    const size_t width = (size_t)dim * (bf16 ? 2 : 4);
-    for (int i = len; i < seq; i++)
-        memset((char *)t->out + (oo + (int64_t)i * out_row) * (bf16 ? 2 : 4), 0, width);
+    zero_padded_rows(t, oo, len, out_row);
 }
 
 #if defined(__AVX512BF16__)
@@ -333,15 +327,11 @@ static inline __attribute__((always_inline)) void run_head_bf16dot(task_t *t, in
                 }
             }
         }
-        for (int r = 0; r < rows; r++) {
-            uint16_t *dst = (uint16_t *)t->out + oo + (int64_t)(i0 + r) * out_row;
-            for (int c = 0; c < dv; c++) {
-                vf o = (vf)acc[r][c] * inv[r];
-                for (int e = 0; e < VL; e++) dst[c * VL + e] = f32_to_bf16(o[e]);
-            }
-        }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < dv; c++)
+                store_out(t, oo + (int64_t)(i0 + r) * out_row + c * VL, (vf)acc[r][c] * inv[r]);
     }
-    for (int i = len; i < seq; i++) memset((uint16_t *)t->out + oo + (int64_t)i * out_row, 0, 2 * (size_t)dim);
+    zero_padded_rows(t, oo, len, out_row);
 }
 #endif
 
