@@ -51,10 +51,16 @@ class LabelledItem(BaseModel):
     stance: Stance
     relevant: bool
 
-    @field_validator("title", mode="before")
+    @field_validator("title", "language", mode="before")
     @classmethod
-    def _none_title(cls, value: object) -> object:
+    def _none_is_empty(cls, value: object) -> object:
         return "" if value is None else value
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _numeric_id(cls, value: object) -> object:
+        # Files made elsewhere often number their items; a number is as good an id as a string.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @property
     def document(self) -> str:

@@ -15,6 +15,7 @@ from processors.labelled import (
     SUBJECT_TOPICS,
     check_disjoint,
     data_hash,
+    read_jsonl,
     read_split,
 )
 
@@ -68,3 +69,14 @@ def test_the_shipped_heads_were_trained_on_this_training_split() -> None:
     assert meta["training_data"]["sha256"] == data_hash(train), "run `coalition-watch model train`"
     assert meta["training_data"]["n"] == len(train)
     assert meta["dev_data"]["sha256"] == data_hash(dev)
+
+
+def test_items_from_other_tools_are_read_as_they_come(tmp_path: Path) -> None:
+    path = tmp_path / "external.jsonl"
+    path.write_text(
+        '{"id": 7, "language": null, "title": null, "text": "Testo.", "topics": ["sanctions"],'
+        ' "stance": "neutral", "relevant": true, "url": "https://example.org/a", "why": "x"}\n',
+        encoding="utf-8",
+    )
+    (item,) = read_jsonl(path)
+    assert (item.id, item.language, item.title, item.document) == ("7", "", "", "Testo.")
